@@ -1,0 +1,56 @@
+"""`medcare-dist`: the commands that are not training runs (those are launch/stage*.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _tiny_model(args) -> None:
+    from .tiny import write_tiny_model
+
+    out = write_tiny_model(args.out, seed=args.seed)
+    print(f"wrote tiny Qwen2 model and tokenizer to {out}")
+
+
+def _preprocess(args) -> None:
+    from transformers import AutoTokenizer
+
+    from .data import preprocess
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc=args.num_proc)
+    print(f"wrote tokenised dataset to {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="write the built-in tiny Qwen2 model and tokenizer (HF format)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_tiny_model)
+
+    p = sub.add_parser("preprocess", help="tokenise training data once, ahead of a cluster run")
+    p.add_argument("--data", nargs="+", required=True, help="JSON, JSONL or Parquet files")
+    p.add_argument("--tokenizer", required=True, help="model dir or hub name whose tokenizer to use")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--out", required=True)
+    p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
+    p.add_argument("--num-proc", type=int, default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=_preprocess)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"medcare-dist {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,173 @@
+"""Training configuration: one flat dataclass, read from YAML, overridable by `--key value`.
+
+Flat on purpose: every option is addressable on the command line by its name, and the
+resolved config saved in each checkpoint reads as one list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    stage: int = 1
+    model: str = ""  # stage 1: HF model dir or hub name; stage 2: the prepared stage-2 dir
+    data: list[str] = field(default_factory=list)  # files, or one `medcare-dist preprocess` dir
+    output_dir: str = "runs/out"
+    max_length: int = 1024
+    on_bad_record: str = "error"  # error | skip
+    trust_remote_code: bool = False
+
+    # adapters (defaults: the MedCare reference)
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    use_rslora: bool = False
+    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    ffn_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    num_experts: int = 8
+    top_k: int = 2
+    num_shared: int = 2
+    router_aux_loss_coef: float = 0.0  # load-balancing loss; off as in the reference
+
+    # stage 2
+    ortho_lambda: float = 1.0
+    freeze_knowledge: bool = False
+    align_attention: bool = False
+
+    # optimisation
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    global_batch_size: int = 16  # sequences per optimizer step, over all ranks
+    micro_batch_size: int = 2  # sequences per forward on one rank
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 42
+
+    # runtime
+    ds_config: str = "ds_configs/zero3.json"
+    dtype: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | fp32
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 0  # 0: keep all checkpoints
+    resume: str = ""  # "" | auto | path to a checkpoint
+    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard]
+    timeout_minutes: float = 30.0
+
+    def validate(self) -> "TrainConfig":
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        if not self.model:
+            raise ConfigError("model is not set (--model DIR)")
+        if not self.data:
+            raise ConfigError("data is not set (--data FILE [FILE ...])")
+        if self.on_bad_record not in ("error", "skip"):
+            raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        for name in ("lora_r", "num_experts", "top_k", "num_shared", "global_batch_size", "micro_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        return self
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size x world size ({self.micro_batch_size} x {world_size} = {per_step})"
+            )
+        return self.global_batch_size // per_step
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value):
+    """Convert a YAML or command-line value to the type of field `name`."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    if typing.get_origin(kind) is list:
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        return [str(v) for v in items]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--key value [value ...]` pairs (also `--key=value`; `--flag` alone means true)."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options are --key value")
+        key, _, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown option --{key}; known: {', '.join(sorted(_FIELDS))}")
+        values = [inline] if inline else []
+        while not inline and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            values.append(args[i + 1])
+            i += 1
+        if not values:
+            values = ["true"]
+        is_list = typing.get_origin(typing.get_type_hints(TrainConfig)[key]) is list
+        out[key] = values if is_list else values[-1] if len(values) == 1 else values
+        if not is_list and len(values) > 1:
+            raise ConfigError(f"--{key} takes one value, got {values}")
+        i += 1
+    return out
+
+
+def load_config(path: str | None, overrides: dict | None = None, **defaults) -> TrainConfig:
+    """Defaults < YAML file < command-line overrides."""
+    merged: dict = dict(defaults)
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping of option: value")
+        unknown = set(loaded) - set(_FIELDS)
+        if unknown:
+            raise ConfigError(f"{p}: unknown option(s) {sorted(unknown)}")
+        merged.update(loaded)
+    merged.update(overrides or {})
+    return TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()}).validate()
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")

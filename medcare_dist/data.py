@@ -1,0 +1,471 @@
+"""Data pipeline: read chat records, tokenise with assistant-only labels, plan batches.
+
+Records come from JSON (an array of records), JSONL or Parquet files, in one of two shapes:
+
+    MedCareData  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+    OpenAI       {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+
+Both are normalised to a list of ``{"role", "content"}`` messages and validated. Labels are
+derived from the tokenizer's chat template: every token that starts inside an assistant
+turn's rendered span is trained, everything else is masked with -100. With Qwen's ChatML
+this trains the reply, its ``<|im_end|>`` and the newline after it.
+
+Batches are planned over global indices only (seed, epoch, global batch size), so the
+data order does not depend on the world size; each rank then takes its share of every
+global batch as the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import datasets
+import torch
+
+IGNORE_INDEX = -100
+MANIFEST_NAME = "medcare_data.json"
+MANIFEST_FORMAT = "medcare_dist.data/1"
+DATASET_SUBDIR = "tokenized"
+LENGTH_GROUP_BATCHES = 16  # global batches per chunk that is sorted by length
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+# Per record shape: the conversation key, the role key, the content key, role names.
+SHAPES = {
+    "conversations": ("from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
+    "messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+}
+
+FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "num_label_tokens": datasets.Value("int32"),
+        "length": datasets.Value("int32"),
+        "truncated": datasets.Value("bool"),
+    }
+)
+
+
+class DataError(ValueError):
+    """A data file or one of its records is unusable; the message says where and why."""
+
+    def __init__(self, reason: str, path: str | Path | None = None, index: int | None = None,
+                 line: int | None = None):
+        self.reason, self.path, self.index, self.line = reason, path, index, line
+        where = [str(path)] if path is not None else []
+        if index is not None:
+            where.append(f"record {index}" + (f" (line {line})" if line is not None else ""))
+        super().__init__(": ".join(where + [reason]))
+
+    def at(self, path: str | Path, index: int, line: int | None = None) -> "DataError":
+        """The same reason, located in a file."""
+        return DataError(self.reason, path, index, line)
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot locate assistant turns by rendering prefixes."""
+
+
+@dataclass
+class DataStats:
+    """What happened to the records on their way into the dataset.
+
+    records_read = skipped + dropped_no_labels + records.
+    """
+
+    records_read: int = 0  # records found in the files
+    skipped: int = 0  # invalid records skipped (on_bad_record="skip")
+    truncated: int = 0  # kept records that were cut at max_length
+    dropped_no_labels: int = 0  # records cut so short that no trained token was left
+    records: int = 0  # records in the dataset
+    tokens: int = 0  # input tokens in the dataset
+    label_tokens: int = 0  # tokens that contribute to the loss (sum of num_label_tokens)
+    errors: list[str] = field(default_factory=list)  # one message per skipped record
+
+    def summary(self, max_length: int) -> str:
+        return (
+            f"data: {self.records} records ({self.skipped} invalid skipped, {self.truncated} "
+            f"truncated to {max_length} tokens, {self.dropped_no_labels} dropped with no trained "
+            f"token left), {self.tokens} tokens, {self.label_tokens} trained"
+        )
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def normalize_record(record: Any) -> list[dict[str, str]]:
+    """Validate one raw record and return its messages as ``{"role", "content"}`` dicts.
+
+    Raises DataError (without a location) naming the first problem found.
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"record is not an object (got {type(record).__name__})")
+    present = [key for key in SHAPES if record.get(key) is not None]
+    if not present:
+        raise DataError("record has neither 'conversations' nor 'messages'")
+    if len(present) > 1:
+        raise DataError("record has both 'conversations' and 'messages'")
+    key = present[0]
+    role_key, content_key, role_names = SHAPES[key]
+    turns = record[key]
+    if not isinstance(turns, list):
+        raise DataError(f"'{key}' is not a list (got {type(turns).__name__})")
+    if not turns:
+        raise DataError("empty conversation")
+    messages = [_normalize_turn(turn, j, role_key, content_key, role_names) for j, turn in enumerate(turns)]
+    _check_turn_order([m["role"] for m in messages])
+    return messages
+
+
+def _normalize_turn(turn: Any, j: int, role_key: str, content_key: str, role_names: dict) -> dict:
+    if not isinstance(turn, dict):
+        raise DataError(f"turn {j} is not an object (got {type(turn).__name__})")
+    role = turn.get(role_key)
+    if role not in role_names:
+        raise DataError(f"turn {j}: unknown role {role!r} in '{role_key}' (expected one of {', '.join(role_names)})")
+    content = turn.get(content_key)
+    if not isinstance(content, str):
+        raise DataError(f"turn {j}: '{content_key}' is not a string (got {type(content).__name__})")
+    if not content.strip():
+        raise DataError(f"turn {j}: empty content")
+    return {"role": role_names[role], "content": content}
+
+
+def _check_turn_order(roles: list[str]) -> None:
+    for j, role in enumerate(roles):
+        if role == "system" and j > 0:
+            raise DataError(f"turn {j}: system turn is not the first turn")
+        if j > 0 and role == roles[j - 1]:
+            raise DataError(f"turns {j - 1} and {j}: two {role} turns in a row")
+    dialogue = [role for role in roles if role != "system"]
+    if "assistant" not in dialogue:
+        raise DataError("no assistant turn")
+    if dialogue[0] != "user":
+        raise DataError("the first non-system turn is an assistant turn (expected a user turn)")
+    if dialogue[-1] != "assistant":
+        raise DataError("the last turn is a user turn (nothing after it would be trained)")
+
+
+def read_records(path: str | Path, on_bad_record: str = "error") -> tuple[list[list[dict]], list[DataError]]:
+    """Read and validate one file; return the conversations and, in skip mode, the errors.
+
+    With ``on_bad_record="error"`` the first invalid record raises its DataError.
+    """
+    _check_on_bad_record(on_bad_record)
+    conversations, errors = [], []
+    for index, line, record in _raw_records(Path(path)):
+        try:
+            if isinstance(record, DataError):
+                raise record
+            conversations.append(normalize_record(record))
+        except DataError as err:
+            located = err.at(path, index, line)
+            if on_bad_record == "error":
+                raise located from None
+            errors.append(located)
+    return conversations, errors
+
+
+def _raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
+    """Yield (record index, JSONL line number or None, parsed record or DataError)."""
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a data file")
+    if path.suffix == ".jsonl":
+        yield from _jsonl_records(path)
+    elif path.suffix == ".json":
+        yield from ((index, None, record) for index, record in enumerate(_json_array(path)))
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from ((index, None, record) for index, record in enumerate(pq.read_table(path).to_pylist()))
+    else:
+        raise DataError(f"unsupported data file type {path.suffix!r} (expected one of {', '.join(SUPPORTED_SUFFIXES)})", path)
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, int, Any]]:
+    index = 0
+    with path.open("rb") as file:
+        for line_no, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                record = DataError(f"invalid JSON: {err}")
+            yield index, line_no, record
+            index += 1
+
+
+def _json_array(path: Path) -> list:
+    try:
+        records = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"invalid JSON: {err}", path) from None
+    if not isinstance(records, list):
+        raise DataError(f"expected a JSON array of records (got {type(records).__name__}); use .jsonl for one record per line", path)
+    return records
+
+
+def _check_on_bad_record(on_bad_record: str) -> None:
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
+
+
+# ------------------------------------------------------------------------ tokenising
+
+
+def render_with_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation with the chat template; return the text and each assistant turn's
+    character span [len(prompt up to it + generation prompt), len(rendering through it)).
+
+    Raises ChatTemplateError if the renderings are not prefixes of each other.
+    """
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if not (through.startswith(prompt) and text.startswith(through) and len(through) > len(prompt)):
+            raise ChatTemplateError(
+                f"the chat template is not prefix-consistent at turn {i}: rendering the conversation "
+                "up to an assistant turn (with the generation prompt) must be a prefix of rendering it "
+                "through that turn, which must be a prefix of the whole rendering"
+            )
+        spans.append((len(prompt), len(through)))
+    return text, spans
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> dict:
+    """Tokenise one conversation: input_ids, labels (-100 outside assistant turns),
+    num_label_tokens (count of labels[1:] != -100), length, truncated."""
+    text, spans = render_with_spans(messages, tokenizer)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = encoding["input_ids"]
+    labels = [
+        token if any(begin <= start < end for begin, end in spans) else IGNORE_INDEX
+        for token, (start, _) in zip(input_ids, encoding["offset_mapping"])
+    ]
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "num_label_tokens": sum(label != IGNORE_INDEX for label in labels[1:]),
+        "length": len(input_ids),
+        "truncated": len(encoding["input_ids"]) > max_length,
+    }
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the tokenizer's vocabulary, special tokens and chat template."""
+    identity = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special_tokens": tokenizer.special_tokens_map,
+        "added_tokens": sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()),
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def build_dataset(paths: str | Path | Sequence[str | Path], tokenizer, max_length: int,
+                  on_bad_record: str = "error", num_proc: int | None = None) -> tuple[datasets.Dataset, DataStats]:
+    """Read, validate and tokenise the files into a Dataset with columns
+    input_ids, labels, num_label_tokens, length."""
+    _check_on_bad_record(on_bad_record)
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, not {max_length}")
+    files = data_files(paths)
+    conversations, errors = [], []
+    for path in files:
+        file_conversations, file_errors = read_records(path, on_bad_record)
+        conversations += file_conversations
+        errors += file_errors
+    if not conversations:
+        raise DataError(f"no valid records in {', '.join(map(str, files))}")
+    raw = datasets.Dataset.from_dict({"messages": conversations})
+    tokenized = raw.map(
+        tokenize_conversation,
+        input_columns="messages",
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        remove_columns=["messages"],
+        features=FEATURES,
+        num_proc=num_proc,
+        desc="tokenising",
+    )
+    kept = tokenized.filter(lambda n: n > 0, input_columns="num_label_tokens", desc="dropping untrained")
+    stats = DataStats(
+        records_read=len(conversations) + len(errors),
+        skipped=len(errors),
+        truncated=sum(kept["truncated"]),
+        dropped_no_labels=len(tokenized) - len(kept),
+        records=len(kept),
+        tokens=sum(kept["length"]),
+        label_tokens=sum(kept["num_label_tokens"]),
+        errors=[str(err) for err in errors],
+    )
+    return kept.remove_columns("truncated"), stats
+
+
+def data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Paths from a path, a comma-separated string of paths, or a list of paths."""
+    if isinstance(spec, str):
+        parts = [part.strip() for part in spec.split(",")]
+    elif isinstance(spec, Path):
+        parts = [spec]
+    else:
+        parts = list(spec)
+    files = [Path(part) for part in parts if str(part)]
+    if not files:
+        raise ValueError(f"no data files given: {spec!r}")
+    return files
+
+
+# ------------------------------------------------------------- preprocessed datasets
+
+
+def preprocess(paths: str | Path | Sequence[str | Path], tokenizer, max_length: int, out_dir: str | Path,
+               on_bad_record: str = "error", num_proc: int | None = None,
+               log: Callable[[str], None] = print) -> DataStats:
+    """Tokenise the files once into `out_dir` (the dataset plus a medcare_data.json manifest)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"output directory {out} exists and is not empty")
+    dataset, stats = build_dataset(paths, tokenizer, max_length, on_bad_record, num_proc)
+    dataset.save_to_disk(str(out / DATASET_SUBDIR))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "sources": [_describe_file(path) for path in data_files(paths)],
+        "tokenizer": {"vocab_size": len(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)},
+        "max_length": max_length,
+        "on_bad_record": on_bad_record,
+        "stats": asdict(stats),
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log(stats.summary(max_length))
+    return stats
+
+
+def _describe_file(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def load_dataset_for_training(spec: str | Path | Sequence[str | Path], tokenizer, max_length: int,
+                              on_bad_record: str = "error", num_proc: int | None = None,
+                              log: Callable[[str], None] = print) -> tuple[datasets.Dataset, DataStats]:
+    """The training dataset from a preprocessed directory (checked against the tokenizer and
+    max_length) or built from data files; logs a one-line summary."""
+    _check_on_bad_record(on_bad_record)
+    files = data_files(spec)
+    if len(files) == 1 and files[0].is_dir():
+        dataset, stats = _load_preprocessed(files[0], tokenizer, max_length, on_bad_record)
+    else:
+        dataset, stats = build_dataset(files, tokenizer, max_length, on_bad_record, num_proc)
+    log(stats.summary(max_length))
+    return dataset, stats
+
+
+def _load_preprocessed(directory: Path, tokenizer, max_length: int,
+                       on_bad_record: str) -> tuple[datasets.Dataset, DataStats]:
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise DataError(f"{directory} is a directory without {MANIFEST_NAME}: not a preprocessed dataset")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{manifest_path}: unknown format {manifest.get('format')!r} (expected {MANIFEST_FORMAT})")
+    if manifest["max_length"] != max_length:
+        raise DataError(f"{directory} was preprocessed with max_length {manifest['max_length']}, "
+                        f"but max_length {max_length} was asked for: preprocess again")
+    made_with, given = manifest["tokenizer"], tokenizer_fingerprint(tokenizer)
+    if made_with["fingerprint"] != given:
+        raise DataError(f"{directory} was tokenised with a different tokenizer (vocab size "
+                        f"{made_with['vocab_size']}, fingerprint {made_with['fingerprint'][:12]}) than the "
+                        f"one given (vocab size {len(tokenizer)}, fingerprint {given[:12]}): preprocess again")
+    stats = DataStats(**manifest["stats"])
+    if stats.skipped and on_bad_record == "error":
+        raise DataError(f"{directory} was preprocessed with on_bad_record='skip' and skipped {stats.skipped} "
+                        "invalid records; pass on_bad_record='skip' to accept that")
+    return datasets.load_from_disk(str(directory / DATASET_SUBDIR)), stats
+
+
+# -------------------------------------------------------------------------- batching
+
+
+def plan_global_batches(lengths: Iterable[int], global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's global batches of record indices, the same on every rank and world size.
+
+    A seeded shuffle of all indices, sorted by length (longest first) within chunks of
+    16 global batches, cut into global batches (the last may be smaller), whose order is
+    then shuffled. Every index appears exactly once.
+    """
+    if global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be positive, not {global_batch_size}")
+    lengths = list(lengths)
+    rng = random.Random(f"medcare_dist:{seed}:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = global_batch_size * LENGTH_GROUP_BATCHES
+    grouped = []
+    for start in range(0, len(order), chunk):
+        grouped += sorted(order[start : start + chunk], key=lengths.__getitem__, reverse=True)
+    batches = [grouped[start : start + global_batch_size] for start in range(0, len(grouped), global_batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def micro_batches_for_rank(global_batch: Sequence[int], world_size: int, rank: int,
+                           micro_batch_size: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch.
+
+    Every rank gets accum = ceil(len(global_batch) / (world_size * micro_batch_size))
+    micro-batches: the global batch is cut into accum * world_size consecutive pieces of
+    near-equal size (at most micro_batch_size; empty only when the batch has fewer
+    indices than pieces), and micro-step s of rank r is piece s * world_size + r.
+    """
+    if world_size < 1 or micro_batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad world_size={world_size}, rank={rank}, micro_batch_size={micro_batch_size}")
+    if not global_batch:
+        raise ValueError("empty global batch")
+    accum = math.ceil(len(global_batch) / (world_size * micro_batch_size))
+    pieces = _split_evenly(list(global_batch), accum * world_size)
+    return [pieces[step * world_size + rank] for step in range(accum)]
+
+
+def _split_evenly(items: list, parts: int) -> list[list]:
+    size, extra = divmod(len(items), parts)
+    bounds = [part * size + min(part, extra) for part in range(parts + 1)]
+    return [items[begin:end] for begin, end in zip(bounds, bounds[1:])]
+
+
+def collate(records: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad records into input_ids, labels (padded with -100) and attention_mask tensors."""
+    if not records:
+        raise ValueError("cannot collate an empty micro-batch")
+    width = max(len(record["input_ids"]) for record in records)
+    batch = {
+        "input_ids": torch.full((len(records), width), pad_token_id, dtype=torch.long),
+        "labels": torch.full((len(records), width), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros((len(records), width), dtype=torch.long),
+    }
+    for row, record in enumerate(records):
+        n = len(record["input_ids"])
+        batch["input_ids"][row, :n] = torch.as_tensor(record["input_ids"])
+        batch["labels"][row, :n] = torch.as_tensor(record["labels"])
+        batch["attention_mask"][row, :n] = 1
+    return batch

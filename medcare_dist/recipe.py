@@ -1,0 +1,86 @@
+"""What both stage launchers share: from a config to a fitted Trainer.
+
+The launchers (launch/stage1.py, launch/stage2.py) only say which adapters and which
+objective their stage uses; everything else happens here, in this order, so that bad
+input fails before any process group or model load where possible.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from .adapter_set import AdapterSet
+from .checkpoint import base_fingerprint, versions
+from .config import TrainConfig, load_config, parse_overrides
+from .trainer import Objective, Trainer
+
+
+def config_from_argv(argv: list[str], stage: int) -> TrainConfig:
+    """`--config FILE` plus `--key value` overrides. The `--local_rank` argument that the
+    deepspeed runner appends is ignored: LOCAL_RANK in the environment says the same."""
+    args = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    config_path = None
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise SystemExit("--config needs a path")
+        config_path = args[i + 1]
+        del args[i:i + 2]
+    return load_config(config_path, parse_overrides(args), stage=stage)
+
+
+def run_training(
+    cfg: TrainConfig,
+    build_adapters: Callable[[torch.nn.Module, TrainConfig], AdapterSet],
+    build_objective: Callable[[AdapterSet, TrainConfig], Objective],
+    manifest_extra: dict | None = None,
+) -> None:
+    from transformers import AutoTokenizer
+
+    from . import distributed as dist_utils
+    from .data import load_dataset_for_training
+    from .model import build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
+
+    world = dist_utils.init_distributed(cfg.timeout_minutes)
+    log = print if world.is_main else (lambda *_: None)
+    try:
+        dtype = resolve_dtype(cfg.dtype)
+        ds_config = build_ds_config(cfg.ds_config, cfg, world.world_size, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record, log=log)
+
+        import deepspeed
+
+        model = load_frozen_base(cfg.model, ds_config, dtype, cfg.trust_remote_code)
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(cfg.seed)
+        adapters = build_adapters(model, cfg).to(world.device)
+        dist_utils.broadcast_params(list(adapters.parameters()))
+        adapters.attach(model)
+        adapters.train()
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.module.train()
+        n_trainable = sum(p.numel() for p in trainable_parameters(adapters))
+        log(f"world size {world.world_size}, dtype {dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
+        manifest = {
+            "stage": cfg.stage,
+            "base_model": cfg.model,
+            "base_fingerprint": base_fingerprint(cfg.model),
+            "adapter_layout": adapters.layout(),
+            "versions": versions(),
+            **(manifest_extra or {}),
+        }
+        trainer = Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), tokenizer.pad_token_id, manifest, log=log)
+        trainer.fit()
+    finally:
+        dist_utils.shutdown()
+
+
+def main_for_stage(stage: int, build_adapters, build_objective) -> int:
+    cfg = config_from_argv(sys.argv[1:], stage)
+    run_training(cfg, build_adapters, build_objective)
+    return 0

@@ -1,0 +1,235 @@
+"""The training loop shared by both stages.
+
+The frozen base runs under a DeepSpeed ZeRO-3 engine (partitioned weights, gathered
+layer by layer in forward and backward). The adapters are outside the engine (see
+`adapter_set`): a torch AdamW updates them after their gradients are summed over ranks.
+
+Exactness by construction:
+- each rank divides its summed token loss by the label-token count of the *global* batch,
+  so the summed gradient equals the single-process gradient at any world size;
+- the RNG (LoRA dropout) is reseeded at every step from (seed, step, rank), so a resumed
+  run replays the same randomness without saving RNG state;
+- batches come from a seeded plan (`data.plan_global_batches`), so the data position is
+  just (epoch, batch index).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist_utils
+from .adapter_set import AdapterSet
+from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import collate, micro_batches_for_rank, plan_global_batches
+from .distributed import World
+from .model import trainable_parameters
+
+
+class Objective:
+    """Stage-specific loss terms and metrics. The default adds nothing."""
+
+    def batch_losses(self, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Terms that depend on the micro-batch just forwarded (weighted by its share of tokens)."""
+        return {}
+
+    def step_losses(self) -> dict[str, torch.Tensor]:
+        """Terms that depend only on adapter weights: computed once per optimizer step."""
+        return {}
+
+    def metrics(self) -> dict:
+        """Extra values for the log line; called on every rank at log time."""
+        return {}
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    grad_norm: float
+    tokens: int
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of next-token cross entropy over the labelled positions."""
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def total_steps(cfg: TrainConfig, num_records: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * math.ceil(num_records / cfg.global_batch_size)))
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        world: World,
+        engine,
+        adapters: AdapterSet,
+        dataset,
+        objective: Objective,
+        pad_token_id: int,
+        manifest: dict,
+        log: Callable[[str], None] = print,
+    ):
+        self.cfg, self.world, self.engine, self.adapters = cfg, world, engine, adapters
+        self.model = engine.module  # forward the module directly: the engine's wrapper expects a DeepSpeed optimizer
+        self.dataset, self.objective, self.pad_token_id = dataset, objective, pad_token_id
+        self.manifest, self.log = manifest, log
+        self.out_dir = Path(cfg.output_dir)
+        self.params = trainable_parameters(adapters)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.num_steps = total_steps(cfg, len(dataset))
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.num_steps), num_training_steps=self.num_steps
+        )
+        self.lengths = dataset["length"] if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
+        self.label_tokens = dataset["num_label_tokens"]
+        self.state = TrainState(world_size=world.world_size)
+        self.metrics_file = self.out_dir / "metrics.jsonl"
+
+    # --- resume ---------------------------------------------------------------------
+
+    def maybe_resume(self) -> None:
+        path = find_resume_checkpoint(self.out_dir, self.cfg.resume)
+        if path is None:
+            if self.cfg.resume and self.cfg.resume != "auto":
+                raise FileNotFoundError(self.cfg.resume)
+            return
+        ckpt = load_checkpoint(path)
+        self.adapters.load_flat_state_dict(ckpt["adapters"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        saved_world = ckpt["state"].world_size
+        self.state = ckpt["state"]
+        self.state.world_size = self.world.world_size
+        self.log(f"resumed from {path} at step {self.state.step} (saved by {saved_world} rank(s), now {self.world.world_size})")
+
+    # --- one optimizer step ------------------------------------------------------------
+
+    def _micro_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        if indices:
+            batch = collate([self.dataset[i] for i in indices], self.pad_token_id)
+        else:  # this rank has no record left in the tail batch: a zero-weight forward keeps ZeRO-3 in step
+            batch = {
+                "input_ids": torch.full((1, 2), self.pad_token_id, dtype=torch.long),
+                "labels": torch.full((1, 2), -100, dtype=torch.long),
+                "attention_mask": torch.ones((1, 2), dtype=torch.long),
+            }
+        return {k: v.to(self.world.device) for k, v in batch.items()}
+
+    def train_step(self, global_batch: list[int]) -> StepResult:
+        cfg, world = self.cfg, self.world
+        torch.manual_seed(cfg.seed * 1_000_003 + self.state.step * 1_009 + world.rank)
+        global_label_tokens = max(1, sum(self.label_tokens[i] for i in global_batch))
+        parts: dict[str, float] = {}
+        tokens = 0
+        for indices in micro_batches_for_rank(global_batch, world.world_size, world.rank, cfg.micro_batch_size):
+            batch = self._micro_batch(indices)
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            lm = causal_lm_loss_sum(logits, batch["labels"]) / global_label_tokens
+            share = (batch["labels"][:, 1:] != -100).sum().item() / global_label_tokens
+            terms = {"lm": lm} | {k: v * share for k, v in self.objective.batch_losses(batch["attention_mask"].bool().reshape(-1)).items()}
+            sum(terms.values()).backward()
+            self.engine.optimizer.partition_all_parameters()  # what ZeRO-3's own optimizer would do after backward
+            tokens += int(batch["attention_mask"].sum()) if indices else 0
+            for k, v in terms.items():
+                parts[k] = parts.get(k, 0.0) + float(v.detach())
+        step_terms = {k: v / world.world_size for k, v in self.objective.step_losses().items()}
+        if step_terms:
+            sum(step_terms.values()).backward()
+            parts.update({k: float(v.detach()) for k, v in step_terms.items()})
+        dist_utils.sum_gradients(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.tensor(0.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        names = sorted(parts)
+        summed = dist_utils.all_reduce_sum([parts[k] for k in names] + [tokens])
+        return StepResult(losses=dict(zip(names, summed[:-1])), grad_norm=float(grad_norm), tokens=int(summed[-1]))
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _log_metrics(self, record: dict) -> None:
+        if not self.world.is_main:
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        losses = " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("loss"))
+        self.log(
+            f"step {record['step']}/{self.num_steps} {losses} lr={record['lr']:.2e} "
+            f"grad_norm={record['grad_norm']:.3f} tokens/s={record['tokens_per_s']:.0f}"
+        )
+
+    def save(self) -> Path | None:
+        path = None
+        if self.world.is_main:
+            path = save_checkpoint(
+                self.out_dir,
+                self.state,
+                self.adapters.flat_state_dict(),
+                self.optimizer.state_dict(),
+                self.scheduler.state_dict(),
+                self.cfg.to_dict(),
+                self.manifest,
+                keep_last=self.cfg.keep_last,
+            )
+            self.log(f"saved {path}")
+        dist_utils.barrier()
+        return path
+
+    def fit(self) -> TrainState:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.maybe_resume()
+        bar = tqdm(total=self.num_steps, initial=self.state.step, disable=not self.world.is_main, desc=f"stage {cfg.stage}", dynamic_ncols=True)
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.state.step < self.num_steps:
+            batches = plan_global_batches(self.lengths, cfg.global_batch_size, cfg.seed, self.state.epoch)
+            while self.state.batch_in_epoch < len(batches) and self.state.step < self.num_steps:
+                result = self.train_step(batches[self.state.batch_in_epoch])
+                self.state.step += 1
+                self.state.batch_in_epoch += 1
+                window_tokens += result.tokens
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(result.losses.values()):.4f}")
+                if self.state.step % cfg.log_every == 0 or self.state.step == self.num_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": self.state.step,
+                        "epoch": self.state.epoch,
+                        "loss": sum(result.losses.values()),
+                        **{f"loss_{k}": v for k, v in result.losses.items()},
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": result.grad_norm,
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        **self.objective.metrics(),
+                    }
+                    self._log_metrics(record)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if cfg.save_every and self.state.step % cfg.save_every == 0 and self.state.step < self.num_steps:
+                    self.save()
+            if self.state.batch_in_epoch >= len(batches):
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+        bar.close()
+        self.save()
+        return self.state
