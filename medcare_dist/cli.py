@@ -23,6 +23,12 @@ def _preprocess(args) -> None:
     print(f"wrote tokenised dataset to {args.out}")
 
 
+def _prepare_stage2(args) -> None:
+    from .stage2 import prepare_stage2
+
+    prepare_stage2(args.stage1, args.out, max_shard_size=args.max_shard_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_preprocess)
+
+    p = sub.add_parser("prepare-stage2", help="stage-1 checkpoint -> stage-2 base (attention LoRA merged) + knowledge adapter")
+    p.add_argument("--stage1", required=True, help="a stage-1 checkpoint dir (output_dir/checkpoint-STEP)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(run=_prepare_stage2)
     return parser
 
 
@@ -50,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:  # CheckpointError, DataError are ValueErrors
         print(f"medcare-dist {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -104,3 +104,16 @@ def stage1_adapters(model: nn.Module, cfg: TrainConfig) -> AdapterSet:
 
 def trainable_parameters(adapters: AdapterSet) -> list[nn.Parameter]:
     return [p for p in adapters.parameters() if p.requires_grad]
+
+
+def base_checksum(model: nn.Module) -> float:
+    """Sum of every frozen base weight, in float64, over all ranks.
+
+    Under ZeRO-3 each rank sums only its own partition (`ds_tensor`; partition padding is
+    zero), so this costs no gather. Recorded at the start and at each save: equal values
+    show that training left the base untouched.
+    """
+    from . import distributed as dist_utils
+
+    local = sum(float(getattr(p, "ds_tensor", p).detach().double().sum()) for p in model.parameters())
+    return dist_utils.all_reduce_sum([local])[0]

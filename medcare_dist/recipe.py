@@ -14,7 +14,7 @@ import torch
 
 from .adapter_set import AdapterSet
 from .checkpoint import base_fingerprint, versions
-from .config import TrainConfig, load_config, parse_overrides
+from .config import ConfigError, TrainConfig, load_config, parse_overrides
 from .trainer import Objective, Trainer
 
 
@@ -36,16 +36,23 @@ def run_training(
     cfg: TrainConfig,
     build_adapters: Callable[[torch.nn.Module, TrainConfig], AdapterSet],
     build_objective: Callable[[AdapterSet, TrainConfig], Objective],
-    manifest_extra: dict | None = None,
+    check_inputs: Callable[[TrainConfig], dict] | None = None,
 ) -> None:
+    """`check_inputs` validates the stage's inputs before any process group or model load
+    and returns what the checkpoint manifests should record about them."""
     from transformers import AutoTokenizer
 
     from . import distributed as dist_utils
     from .data import load_dataset_for_training
-    from .model import build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
+    from .model import base_checksum, build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
 
+    manifest_extra = check_inputs(cfg) if check_inputs else {}
     world = dist_utils.init_distributed(cfg.timeout_minutes)
     log = print if world.is_main else (lambda *_: None)
+    if not world.is_main:
+        import datasets
+
+        datasets.disable_progress_bars()
     try:
         dtype = resolve_dtype(cfg.dtype)
         ds_config = build_ds_config(cfg.ds_config, cfg, world.world_size, dtype)
@@ -70,9 +77,10 @@ def run_training(
             "stage": cfg.stage,
             "base_model": cfg.model,
             "base_fingerprint": base_fingerprint(cfg.model),
+            "base_checksum": base_checksum(model),
             "adapter_layout": adapters.layout(),
             "versions": versions(),
-            **(manifest_extra or {}),
+            **manifest_extra,
         }
         trainer = Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), tokenizer.pad_token_id, manifest, log=log)
         trainer.fit()
@@ -80,7 +88,14 @@ def run_training(
         dist_utils.shutdown()
 
 
-def main_for_stage(stage: int, build_adapters, build_objective) -> int:
-    cfg = config_from_argv(sys.argv[1:], stage)
-    run_training(cfg, build_adapters, build_objective)
+def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None) -> int:
+    """Entry point of a launcher: bad input ends the process with a one-line error, status 2."""
+    from .checkpoint import CheckpointError
+
+    try:
+        cfg = config_from_argv(sys.argv[1:], stage)
+        run_training(cfg, build_adapters, build_objective, check_inputs)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        print(f"stage {stage}: error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -15,6 +15,7 @@ Exactness by construction:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 
 from . import distributed as dist_utils
 from .adapter_set import AdapterSet
-from .checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import collate, micro_batches_for_rank, plan_global_batches
 from .distributed import World
-from .model import trainable_parameters
+from .model import base_checksum, trainable_parameters
 
 
 class Objective:
@@ -65,6 +66,14 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         ignore_index=-100,
         reduction="sum",
     )
+
+
+def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def total_steps(cfg: TrainConfig, num_records: int) -> int:
@@ -113,6 +122,11 @@ class Trainer:
                 raise FileNotFoundError(self.cfg.resume)
             return
         ckpt = load_checkpoint(path)
+        for key in ("stage", "base_fingerprint"):
+            if ckpt["manifest"].get(key) != self.manifest[key]:
+                raise CheckpointError(
+                    f"cannot resume from {path}: its {key} is {ckpt['manifest'].get(key)!r}, this run's is {self.manifest[key]!r}"
+                )
         self.adapters.load_flat_state_dict(ckpt["adapters"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -177,8 +191,19 @@ class Trainer:
             f"grad_norm={record['grad_norm']:.3f} tokens/s={record['tokens_per_s']:.0f}"
         )
 
+    def _check_ranks_agree(self) -> dict:
+        """Adapters are replicated: every rank must hold bit-identical weights. A mismatch
+        means a gradient was not synchronised, and is an error, not a warning."""
+        digests = dist_utils.gather_objects(adapter_digest(self.adapters.flat_state_dict()))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"adapter weights differ across ranks at step {self.state.step}: {digests}")
+        return {"adapter_sha256": digests[0], "ranks_agreeing": len(digests), "base_checksum": base_checksum(self.model)}
+
     def save(self) -> Path | None:
         path = None
+        checks = self._check_ranks_agree()
+        if checks["base_checksum"] != self.manifest["base_checksum"]:
+            raise RuntimeError(f"the frozen base changed during training: checksum {checks['base_checksum']} != {self.manifest['base_checksum']}")
         if self.world.is_main:
             path = save_checkpoint(
                 self.out_dir,
@@ -187,7 +212,7 @@ class Trainer:
                 self.optimizer.state_dict(),
                 self.scheduler.state_dict(),
                 self.cfg.to_dict(),
-                self.manifest,
+                self.manifest | checks,
                 keep_last=self.cfg.keep_last,
             )
             self.log(f"saved {path}")
