@@ -54,7 +54,7 @@ def base_fingerprint(model_dir: str | Path) -> str:
     if not root.is_dir():
         return f"hub:{model_dir}"
     h = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
-    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+    for f in sorted(root.glob("model*.safetensors")) + sorted(root.glob("*.bin")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
 

@@ -70,6 +70,14 @@ def load_frozen_base(name_or_path: str, ds_config: dict | None, dtype: torch.dty
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant checkpointing: correct with a frozen embedding (no input needs grad)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def linear_targets(model: nn.Module, leaf_names: list[str]) -> list[tuple[str, nn.Linear]]:
     """Every nn.Linear whose last path component is in `leaf_names`, in model order."""
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in leaf_names]

@@ -7,6 +7,7 @@ input fails before any process group or model load where possible.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch
 from .adapter_set import AdapterSet
 from .checkpoint import base_fingerprint, versions
 from .config import ConfigError, TrainConfig, load_config, parse_overrides
+from .model import enable_activation_checkpointing
 from .trainer import Objective, Trainer
 
 
@@ -32,70 +34,73 @@ def config_from_argv(argv: list[str], stage: int) -> TrainConfig:
     return load_config(config_path, parse_overrides(args), stage=stage)
 
 
-def run_training(
+def build_trainer(
     cfg: TrainConfig,
     build_adapters: Callable[[torch.nn.Module, TrainConfig], AdapterSet],
     build_objective: Callable[[AdapterSet, TrainConfig], Objective],
     check_inputs: Callable[[TrainConfig], dict] | None = None,
-) -> None:
-    """`check_inputs` validates the stage's inputs before any process group or model load
-    and returns what the checkpoint manifests should record about them."""
+) -> Trainer:
+    """Check inputs, load data, join the process group, load the partitioned base, attach
+    the adapters. `check_inputs` validates the stage's own inputs and returns what the
+    checkpoint manifests should record about them. Everything that can be wrong with the
+    user's input is found before the process group and the model load."""
     from transformers import AutoTokenizer
 
     from . import distributed as dist_utils
     from .data import load_dataset_for_training
     from .model import base_checksum, build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
 
-    manifest_extra = check_inputs(cfg) if check_inputs else {}
-    world = dist_utils.init_distributed(cfg.timeout_minutes)
-    log = print if world.is_main else (lambda *_: None)
-    if not world.is_main:
+    is_main = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))) == 0
+    log = print if is_main else (lambda *_: None)
+    if not is_main:
         import datasets
 
         datasets.disable_progress_bars()
-    try:
-        dtype = resolve_dtype(cfg.dtype)
-        ds_config = build_ds_config(cfg.ds_config, cfg, world.world_size, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record, log=log)
+    manifest_extra = check_inputs(cfg) if check_inputs else {}
+    dtype = resolve_dtype(cfg.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record, log=log)
 
-        import deepspeed
+    world = dist_utils.init_distributed(cfg.timeout_minutes)
+    ds_config = build_ds_config(cfg.ds_config, cfg, world.world_size, dtype)
+    import deepspeed
 
-        model = load_frozen_base(cfg.model, ds_config, dtype, cfg.trust_remote_code)
-        if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        torch.manual_seed(cfg.seed)
-        adapters = build_adapters(model, cfg).to(world.device)
-        dist_utils.broadcast_params(list(adapters.parameters()))
-        adapters.attach(model)
-        adapters.train()
-        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-        engine.module.train()
-        n_trainable = sum(p.numel() for p in trainable_parameters(adapters))
-        log(f"world size {world.world_size}, dtype {dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
-        manifest = {
-            "stage": cfg.stage,
-            "base_model": cfg.model,
-            "base_fingerprint": base_fingerprint(cfg.model),
-            "base_checksum": base_checksum(model),
-            "adapter_layout": adapters.layout(),
-            "versions": versions(),
-            **manifest_extra,
-        }
-        trainer = Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), tokenizer.pad_token_id, manifest, log=log)
-        trainer.fit()
-    finally:
-        dist_utils.shutdown()
+    model = load_frozen_base(cfg.model, ds_config, dtype, cfg.trust_remote_code)
+    if cfg.grad_checkpointing:
+        enable_activation_checkpointing(model)
+    torch.manual_seed(cfg.seed)
+    adapters = build_adapters(model, cfg).to(world.device)
+    dist_utils.broadcast_params(list(adapters.parameters()))
+    adapters.attach(model)
+    adapters.train()
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.module.train()
+    n_trainable = sum(p.numel() for p in trainable_parameters(adapters))
+    log(f"world size {world.world_size}, dtype {dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
+    manifest = {
+        "stage": cfg.stage,
+        "base_model": cfg.model,
+        "base_fingerprint": base_fingerprint(cfg.model),
+        "base_checksum": base_checksum(model),
+        "adapter_layout": adapters.layout(),
+        "versions": versions(),
+        **manifest_extra,
+    }
+    return Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), tokenizer.pad_token_id, manifest, log=log)
 
 
 def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None) -> int:
     """Entry point of a launcher: bad input ends the process with a one-line error, status 2."""
+    from . import distributed as dist_utils
     from .checkpoint import CheckpointError
+    from .data import ChatTemplateError, DataError
 
     try:
         cfg = config_from_argv(sys.argv[1:], stage)
-        run_training(cfg, build_adapters, build_objective, check_inputs)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        build_trainer(cfg, build_adapters, build_objective, check_inputs).fit()
+    except (ConfigError, CheckpointError, DataError, ChatTemplateError, FileNotFoundError) as err:
         print(f"stage {stage}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        dist_utils.shutdown()
     return 0

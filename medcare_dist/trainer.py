@@ -148,7 +148,9 @@ class Trainer:
             }
         return {k: v.to(self.world.device) for k, v in batch.items()}
 
-    def train_step(self, global_batch: list[int]) -> StepResult:
+    def compute_gradients(self, global_batch: list[int]) -> tuple[dict[str, float], int]:
+        """Forward and backward of this rank's share of `global_batch`, then the adapter
+        gradients summed over ranks. Returns this rank's loss parts and token count."""
         cfg, world = self.cfg, self.world
         torch.manual_seed(cfg.seed * 1_000_003 + self.state.step * 1_009 + world.rank)
         global_label_tokens = max(1, sum(self.label_tokens[i] for i in global_batch))
@@ -159,18 +161,25 @@ class Trainer:
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             lm = causal_lm_loss_sum(logits, batch["labels"]) / global_label_tokens
             share = (batch["labels"][:, 1:] != -100).sum().item() / global_label_tokens
-            terms = {"lm": lm} | {k: v * share for k, v in self.objective.batch_losses(batch["attention_mask"].bool().reshape(-1)).items()}
+            token_mask = batch["attention_mask"].bool().reshape(-1)
+            terms = {"lm": lm} | {k: v * share for k, v in self.objective.batch_losses(token_mask).items()}
             sum(terms.values()).backward()
-            self.engine.optimizer.partition_all_parameters()  # what ZeRO-3's own optimizer would do after backward
+            self.engine.optimizer.partition_all_parameters()  # what ZeRO-3's own optimizer does after backward
             tokens += int(batch["attention_mask"].sum()) if indices else 0
             for k, v in terms.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach())
+        # Every rank adds 1/world of the weight-only terms: their summed gradient counts once.
         step_terms = {k: v / world.world_size for k, v in self.objective.step_losses().items()}
         if step_terms:
             sum(step_terms.values()).backward()
             parts.update({k: float(v.detach()) for k, v in step_terms.items()})
         dist_utils.sum_gradients(self.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else torch.tensor(0.0)
+        return parts, tokens
+
+    def train_step(self, global_batch: list[int]) -> StepResult:
+        parts, tokens = self.compute_gradients(global_batch)
+        max_norm = self.cfg.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -30,3 +30,25 @@ def run_launcher(cmd: list[str], log_path: Path, timeout: float = 600, env: dict
         tail = log_path.read_text()[-6000:]
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
     return proc
+
+
+def write_stage1_checkpoint(model_dir: Path, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A stage-1 checkpoint with random (non-zero) adapter weights, written without training:
+    what prepare-stage2 and export read, made in a second instead of a DeepSpeed run."""
+    import torch
+
+    from medcare_dist.checkpoint import TrainState, base_fingerprint, save_checkpoint, versions
+    from medcare_dist.config import TrainConfig
+    from medcare_dist.model import load_frozen_base, stage1_adapters
+
+    cfg = TrainConfig(model=str(model_dir), data=["unused"], **{"num_experts": 4, "lora_r": 4, **overrides})
+    model = load_frozen_base(str(model_dir), None, torch.float32)
+    torch.manual_seed(seed)
+    adapters = stage1_adapters(model, cfg)
+    with torch.no_grad():
+        for name, p in adapters.named_parameters():
+            if name.endswith(("lora_B", "ka_B", "na_B")):
+                p.normal_(std=0.05)
+    manifest = {"stage": 1, "base_model": str(model_dir), "base_fingerprint": base_fingerprint(model_dir),
+                "adapter_layout": adapters.layout(), "versions": versions()}
+    return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, {}, cfg.to_dict(), manifest)

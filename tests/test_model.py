@@ -3,7 +3,7 @@
 import torch
 
 from medcare_dist.config import TrainConfig
-from medcare_dist.model import linear_targets, load_frozen_base, stage1_adapters
+from medcare_dist.model import enable_activation_checkpointing, linear_targets, load_frozen_base, stage1_adapters
 from medcare_dist.trainer import causal_lm_loss_sum
 
 
@@ -11,7 +11,7 @@ def stage1_model(model_dir, grad_checkpointing: bool):
     cfg = TrainConfig(model=str(model_dir), data=["x"], num_experts=4, top_k=2, lora_r=4, lora_dropout=0.1)
     model = load_frozen_base(str(model_dir), None, torch.float32)
     if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     torch.manual_seed(0)
     adapters = stage1_adapters(model, cfg)
