@@ -128,6 +128,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def _machine_busy_s() -> float:
+    """CPU-seconds all processes on this machine have used (user, nice, system, irq, steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def time_variants(case: Case, variants, args, device) -> dict[str, float]:
     for v in variants:
         for _ in range(args.warmup):
@@ -230,7 +242,12 @@ def main(argv=None) -> int:
         case = Case(d_in, d_out, args, device)
         with torch.no_grad():
             ref = case.forward("dense") if "dense" in variants else None
+        machine0, own0, wall0 = _machine_busy_s(), _own_busy_s(), time.perf_counter()
         times = time_variants(case, variants, args, device)
+        other = (_machine_busy_s() - machine0) - (_own_busy_s() - own0)
+        other_share = max(0.0, other) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
+        if other_share > 0.05:
+            print(f"WARNING: other processes used {other_share:.0%} of the machine's CPU while {shape} was timed: times are not clean")
         for v in variants:
             with torch.no_grad():
                 diff = float((case.forward(v) - ref).abs().max()) if ref is not None and v != "base" else float("nan")
@@ -238,6 +255,7 @@ def main(argv=None) -> int:
                 "shape": shape, "d_in": d_in, "d_out": d_out, "variant": v, "time_s": times[v],
                 "ratio_vs_base": times[v] / times["base"], "saved_bytes": case.saved_bytes(v),
                 "peak_bytes": None if args.no_peak else peak_memory(shape, v, args, device), "max_abs_diff_vs_dense": diff,
+                "other_cpu_share_while_timed": round(other_share, 3),
             }
             results.append(row)
             peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}"

@@ -58,38 +58,66 @@ class Routing:
     top_idx: torch.Tensor  # [tokens, k]
 
 
-class _GroupedDown(torch.autograd.Function):
-    """h = x[rows] @ A_e^T for each expert e on its own group of rows (groups in expert order).
+class _ExpertsDown(torch.autograd.Function):
+    """h = x[rows_e] @ A_e^T for each routed expert e on its own rows, groups in expert order.
 
-    Autograd would keep the gathered copy x[rows] ([tokens*k, d_in], k times the input) for
-    the weight gradient. This keeps only x, which the shared expert keeps anyway, and
-    gathers again in backward. The input gradient is un-permuted (`inverse`) and summed over
-    each token's k assignments: a fixed order, no atomic adds, bitwise reproducible.
+    x [T, d_in]; weight [E*r, d_in] (expert e owns rows e*r..(e+1)*r); rows [T*k]: the token
+    of each assignment, grouped by expert; counts: the group sizes. Returns [T*k, r].
+    Plain autograd would keep the gathered x[rows] (k times the input) for the weight
+    gradient; this keeps x only (which the shared expert keeps anyway) and gathers again in
+    backward, one expert at a time.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, rows, inverse, counts):
-        # x [T, d_in]; weight [E*r, d_in], expert e owns rows e*r..(e+1)*r; rows [T*k]: token
-        # of each assignment, grouped by expert; inverse: assignment order -> grouped order.
-        experts = weight.split(weight.shape[0] // len(counts))
-        h = torch.cat([g @ a.T for g, a in zip(x.index_select(0, rows).split(counts), experts)])
-        ctx.save_for_backward(x, weight, rows, inverse)
+    def forward(ctx, x, weight, rows, counts):
+        ctx.save_for_backward(x, weight, rows)
         ctx.counts = counts
-        return h
+        experts = weight.split(weight.shape[0] // len(counts))
+        return torch.cat([x.index_select(0, idx) @ a.T for idx, a in zip(rows.split(counts), experts)])
 
     @staticmethod
     def backward(ctx, grad_h):
-        x, weight, rows, inverse = ctx.saved_tensors
-        counts = ctx.counts
-        experts = weight.split(weight.shape[0] // len(counts))
-        grads = grad_h.split(counts)
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            per_row = torch.cat([g @ a for g, a in zip(grads, experts)])
-            grad_x = per_row.index_select(0, inverse).view(x.shape[0], -1, x.shape[1]).sum(1)
-        if ctx.needs_input_grad[1]:  # an expert with no token gets a zero block ([r,0] @ [0,d])
-            grad_weight = torch.cat([g.T @ xg for g, xg in zip(grads, x.index_select(0, rows).split(counts))])
-        return grad_x, grad_weight, None, None, None
+        x, weight, rows = ctx.saved_tensors
+        experts = weight.split(weight.shape[0] // len(ctx.counts))
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        grad_a = []
+        for idx, a, g in zip(rows.split(ctx.counts), experts, grad_h.split(ctx.counts)):
+            if grad_x is not None:  # a token appears once per expert: no colliding adds
+                grad_x.index_add_(0, idx, g @ a)
+            grad_a.append(g.T @ x.index_select(0, idx))  # [r, 0] @ [0, d_in] = zeros for an idle expert
+        return grad_x, torch.cat(grad_a) if ctx.needs_input_grad[1] else None, None, None
+
+
+class _ExpertsUp(torch.autograd.Function):
+    """out = h_ka @ B_ka^T (every token), then out[rows_e] += h_e @ B_e^T for each routed expert.
+
+    h_ka [T, r_ka]; b_ka [d_out, r_ka]; h [T*k, r] grouped by expert as `_ExpertsDown` makes
+    it; weight [d_out, E*r]. The [T*k, d_out] per-assignment outputs never exist at once:
+    each expert adds its rows into the output and its temporary is freed. The experts add in
+    a fixed order and a token appears at most once per expert, so the result is the same
+    on every run, on GPU too.
+    """
+
+    @staticmethod
+    def forward(ctx, h_ka, b_ka, h, weight, rows, counts):
+        ctx.save_for_backward(h_ka, b_ka, h, weight, rows)
+        ctx.counts = counts
+        out = h_ka @ b_ka.T
+        experts = weight.split(weight.shape[1] // len(counts), dim=1)
+        for idx, b, hg in zip(rows.split(counts), experts, h.split(counts)):
+            out.index_add_(0, idx, hg @ b.T)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h_ka, b_ka, h, weight, rows = ctx.saved_tensors
+        experts = weight.split(weight.shape[1] // len(ctx.counts), dim=1)
+        grad_h, grad_b = [], []
+        for idx, b, hg in zip(rows.split(ctx.counts), experts, h.split(ctx.counts)):
+            g = grad_out.index_select(0, idx)
+            grad_h.append(g @ b)
+            grad_b.append(g.T @ hg)  # [d_out, 0] @ [0, r] = zeros for an idle expert
+        return grad_out @ b_ka, grad_out.T @ h_ka, torch.cat(grad_h), torch.cat(grad_b, dim=1), None, None
 
 
 class MoLoRA(nn.Module):
@@ -174,21 +202,18 @@ class MoLoRA(nn.Module):
             out = F.linear(torch.cat([ka_h, na_h], dim=-1), torch.cat([self.ka_B, self.na_B], dim=-1))
         else:
             top_w, self.last_routing = self._top_k(x)
-            out = F.linear(F.linear(xd, self.ka_A), self.ka_B) + self._routed_sparse(xd, top_w, self.last_routing.top_idx)
-        return (out * self.scale).reshape(*shape[:-1], -1)
+            out = self._sparse(xd, top_w, self.last_routing.top_idx)
+        return (out * self.scale).reshape(*shape[:-1], out.shape[-1])
 
-    def _routed_sparse(self, x: torch.Tensor, top_w: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-        """sum_{e in topk} w_e B_e A_e x, each expert on its own tokens only."""
-        tokens, k = top_idx.shape
-        expert_of = top_idx.reshape(-1)  # assignment i = token i // k, slot i % k
-        grouped = torch.argsort(expert_of, stable=True)  # assignments grouped by expert
-        inverse = torch.argsort(grouped)
+    def _sparse(self, x: torch.Tensor, top_w: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        """B_ka A_ka x + sum_{e in topk} w_e B_e A_e x, each routed expert on its own tokens only."""
+        expert_of = top_idx.reshape(-1)  # assignment i: token i // k, slot i % k
+        grouped = torch.argsort(expert_of, stable=True)  # assignments grouped by expert, fixed order
         counts = torch.bincount(expert_of, minlength=self.num_experts).tolist()
-        h = _GroupedDown.apply(x, self.na_A, grouped // k, inverse, counts)  # [T*k, r]
+        rows = grouped // self.top_k
+        h = _ExpertsDown.apply(x, self.na_A, rows, counts)  # [T*k, r]
         h = h * top_w.reshape(-1)[grouped].to(h.dtype).unsqueeze(-1)
-        experts_B = self.na_B.split(self.rank, dim=1)
-        y = torch.cat([hg @ b.T for hg, b in zip(h.split(counts), experts_B)])  # [T*k, d_out]
-        return y.index_select(0, inverse).view(tokens, k, -1).sum(1)
+        return _ExpertsUp.apply(F.linear(x, self.ka_A), self.ka_B, h, self.na_B, rows, counts)
 
     def knowledge_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the Knowledge Aggregator, the part of this layer stage 2 keeps."""

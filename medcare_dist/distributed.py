@@ -1,19 +1,56 @@
-"""Process-group setup and the few collectives the trainer needs.
+"""Process-group setup, failure detection, and the few collectives the trainer needs.
 
-Works under every launcher we support: the `deepspeed` runner (RANK/WORLD_SIZE/... set),
-`torchrun`, SLURM (`srun`, SLURM_* variables) and `mpirun` (rank discovery through
-mpi4py, done by DeepSpeed's `auto_mpi_discovery`). A single process with none of these is a
-world of one.
+Works under every launcher we support, with no launcher-specific code elsewhere:
+
+- the `deepspeed` runner (local, `--hostfile` over ssh/pdsh, `--no_ssh --node_rank`) and
+  `torchrun`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are already set;
+- SLURM (`srun`): SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_NODELIST are
+  mapped to those;
+- `mpirun` (also `deepspeed --launcher openmpi`): rank, size and local rank are discovered
+  through mpi4py; MASTER_ADDR is rank 0's address unless set (`mpirun -x MASTER_ADDR=...`);
+  MASTER_PORT is a free port chosen by rank 0 unless set;
+- a single process with none of these is a world of one.
+
+Before joining, every rank checks what it can check alone, so that launch mistakes end in
+seconds with a message instead of a hang: the rank variables, MASTER_ADDR resolving, the
+master reachable from non-zero ranks (`MEDCARE_CONNECT_TIMEOUT` seconds, default 60, for a
+host that does not answer; "connection refused" is waited for up to the collective timeout,
+since rank 0 may simply not be up yet), and on CUDA a LOCAL_RANK below the GPU count.
+
+After joining, every rank keeps one TCP connection to a small liveness server on rank 0
+(`_Liveness`). A rank that dies (killed, crashed, node down) or fails with an exception is
+noticed at once by rank 0, which tells every other rank; each survivor prints which rank
+failed and exits (status 3) if it has not already failed on its own within a grace period.
+This is what names the failed rank and stops the job when no launcher kills the survivors
+(one `deepspeed --no_ssh` runner per node, pdsh), and what keeps a NCCL job from hanging
+until the collective timeout. `MEDCARE_LIVENESS=0` turns it off.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import os
+import selectors
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .config import ConfigError
+
+EXIT_PEER_FAILED = 3  # status of a rank that stops because another rank failed
+DEFAULT_CONNECT_TIMEOUT_S = 60.0
+
+
+class DistributedSetupError(ConfigError):
+    """The process group cannot be formed; the message says why and what to check.
+
+    A ConfigError: the launchers print it as one line and exit with status 2."""
 
 
 @dataclass(frozen=True)
@@ -28,17 +65,33 @@ class World:
         return self.rank == 0
 
 
-def _env_from_slurm() -> None:
+# ---------------------------------------------------------------------------------------
+# Where the rank variables come from
+# ---------------------------------------------------------------------------------------
+
+def _env_from_slurm() -> bool:
     """Map SLURM's task variables to the torch.distributed ones when srun started us."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
-        return
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return False
+    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS")
+    if ntasks is None:
+        return False
+    if "SLURM_STEP_ID" not in os.environ and int(ntasks) > 1:
+        raise DistributedSetupError(
+            f"running inside a SLURM job of {ntasks} tasks but not under srun (no SLURM_STEP_ID): "
+            "start the ranks with `srun python launch/stageN.py ...` (see launch/slurm/stage1.sbatch)"
+        )
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["WORLD_SIZE"] = ntasks
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        job = os.environ.get("SLURM_JOB_ID", "0")
+        os.environ["MASTER_PORT"] = str(20000 + int(job) % 20000 if job.isdigit() else 29500)
     if "MASTER_ADDR" not in os.environ:
-        nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
+        nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "127.0.0.1")
         os.environ["MASTER_ADDR"] = _first_slurm_host(nodelist)
+    os.environ["MEDCARE_LAUNCHED_BY"] = "srun"
+    return True
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -50,39 +103,475 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + rest.split("]")[0].split(",")[0].split("-")[0]
 
 
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
+
+
 def _launched_by_mpi() -> bool:
-    return "RANK" not in os.environ and any(
-        v in os.environ for v in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+    return "RANK" not in os.environ and any(v in os.environ for v in _MPI_RANK_VARS)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _own_address() -> str:
+    """This host's address as other hosts should dial it (what `hostname -I` lists first)."""
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            addr = info[4][0]
+            if not addr.startswith("127."):
+                return addr
+    except OSError:
+        pass
+    try:
+        import subprocess
+
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return socket.gethostname()
+
+
+def _env_from_mpi() -> bool:
+    """Rank discovery under mpirun, through mpi4py (rank 0's address and a port for everyone)."""
+    if not _launched_by_mpi():
+        return False
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DistributedSetupError(
+            "started by an MPI launcher (OMPI_COMM_WORLD_RANK/PMI_RANK set) but mpi4py is not installed: "
+            "`pip install mpi4py` (the project's [mpi] extra) in the environment every rank runs"
+        ) from None
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    hosts = comm.allgather(MPI.Get_processor_name())
+    local_rank = hosts[:rank].count(hosts[rank])
+    if rank == 0:
+        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if len(set(hosts)) == 1 else _own_address())
+        port = os.environ.get("MASTER_PORT") or str(_free_port())
+        master = (addr, port)
+    else:
+        master = None
+    addr, port = comm.bcast(master, root=0)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank), MASTER_ADDR=addr, MASTER_PORT=port)
+    os.environ["MEDCARE_LAUNCHED_BY"] = "mpirun"
+    return True
+
+
+def launch_world_size() -> int | None:
+    """The world size the launcher asked for, read from the environment before any process
+    group exists (None for a plain single process)."""
+    for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    if "SLURM_PROCID" in os.environ and os.environ.get("SLURM_NTASKS", "").isdigit():
+        return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def world_size_origin() -> str:
+    """Where the world size comes from, in words, for error messages."""
+    launcher = os.environ.get("MEDCARE_LAUNCHED_BY")
+    if launcher == "srun" or ("RANK" not in os.environ and "SLURM_PROCID" in os.environ):
+        return "SLURM tasks (--nodes x --ntasks-per-node)"
+    if launcher == "mpirun" or _launched_by_mpi():
+        return "mpirun -np"
+    if "CROSS_SIZE" in os.environ or "LOCAL_SIZE" in os.environ:
+        return "the deepspeed runner: the sum of the hostfile's slots (or --num_nodes x --num_gpus)"
+    return "the launcher (WORLD_SIZE)"
+
+
+# ---------------------------------------------------------------------------------------
+# Checks before joining
+# ---------------------------------------------------------------------------------------
+
+def check_launch(cfg) -> None:
+    """Checks of the training config against the launch, before any rendezvous: the global
+    batch must split evenly over the ranks the launcher started."""
+    world_size = launch_world_size()
+    if world_size is None:
+        return
+    try:
+        cfg.grad_accum_steps(world_size)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; the world size {world_size} is set by {world_size_origin()}") from None
+
+
+def _int_env(name: str) -> int:
+    value = os.environ.get(name)
+    if value is None or not value.lstrip("-").isdigit():
+        raise DistributedSetupError(f"{name}={value!r} is not set to an integer by the launcher")
+    return int(value)
+
+
+def _check_master_reachable(addr: str, port: int, rank: int, wait_refused_s: float, connect_timeout_s: float) -> None:
+    """From a non-zero rank: can we open a TCP connection to the master (rank 0's store)?
+
+    "Connection refused" means the host answers but rank 0 is not listening yet: wait for it
+    (up to `wait_refused_s`). No answer at all (timeout, no route) means a wrong address, a
+    host that is down or a firewall: give up after `connect_timeout_s`.
+    """
+    where = f"rank {rank} on host {socket.gethostname()}"
+    hint = (
+        "MASTER_ADDR must be an address of the host that runs rank 0, on a network every node "
+        "can reach (deepspeed: --master_addr; SLURM: the first node of the job; mpirun: "
+        "-x MASTER_ADDR=...), and MASTER_PORT must be open between the nodes"
     )
+    try:
+        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise DistributedSetupError(f"{where}: master address MASTER_ADDR={addr!r} does not resolve ({err}). {hint}") from None
+    start = time.monotonic()
+    last_note = start
+    while True:
+        elapsed = time.monotonic() - start
+        try:
+            with socket.create_connection((addr, port), timeout=min(10.0, max(1.0, connect_timeout_s))):
+                return
+        except ConnectionRefusedError:
+            if elapsed > wait_refused_s:
+                raise DistributedSetupError(
+                    f"{where}: nothing listens on the master {addr}:{port} after {elapsed:.0f} s (connection refused): "
+                    f"rank 0 did not start, failed before joining, or uses another MASTER_PORT. {hint}"
+                ) from None
+            if time.monotonic() - last_note > 60:
+                print(f"[medcare_dist] {where}: waiting for rank 0 to listen on {addr}:{port} ({elapsed:.0f} s)", file=sys.stderr, flush=True)
+                last_note = time.monotonic()
+        except OSError as err:  # timeout, no route to host, network unreachable
+            if elapsed > connect_timeout_s:
+                why = "no answer" if isinstance(err, socket.timeout) else (err.strerror or str(err))
+                raise DistributedSetupError(
+                    f"{where}: cannot reach the master {addr}:{port} ({why}) within {connect_timeout_s:.0f} s. {hint}"
+                ) from None
+        time.sleep(0.5)
+
+
+def _preflight(timeout_s: float) -> None:
+    rank, world_size, local_rank = _int_env("RANK"), _int_env("WORLD_SIZE"), _int_env("LOCAL_RANK")
+    if not 0 <= rank < world_size:
+        raise DistributedSetupError(f"RANK={rank} is outside the world of WORLD_SIZE={world_size}")
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not (port or "").isdigit():
+        raise DistributedSetupError(f"MASTER_ADDR={addr!r} / MASTER_PORT={port!r} are not set by the launcher")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if local_rank >= n and n != 1:
+            raise DistributedSetupError(
+                f"rank {rank} has LOCAL_RANK={local_rank} but host {socket.gethostname()} shows {n} GPU(s): "
+                "more ranks were placed on this node than it has GPUs (hostfile slots=, --num_gpus, "
+                "--ntasks-per-node or mpirun's placement)"
+            )
+    if rank == 0:
+        try:
+            socket.getaddrinfo(addr, int(port))
+        except socket.gaierror as err:
+            raise DistributedSetupError(f"rank 0: MASTER_ADDR={addr!r} does not resolve ({err})") from None
+        return
+    connect_timeout = float(os.environ.get("MEDCARE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S))
+    _check_master_reachable(addr, int(port), rank, wait_refused_s=timeout_s, connect_timeout_s=connect_timeout)
+
+
+# ---------------------------------------------------------------------------------------
+# Joining and leaving
+# ---------------------------------------------------------------------------------------
+
+_liveness: "_Liveness | None" = None
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> World:
-    """Join (or create) the process group; gloo on CPU, nccl on CUDA."""
+    """Join (or create) the process group; gloo on CPU, nccl on CUDA.
+
+    `timeout_minutes` bounds the rendezvous and every collective: a rank that waits longer
+    for the others raises instead of hanging.
+    """
+    global _liveness
+    timeout_s = timeout_minutes * 60
+    if not (_env_from_slurm() or _env_from_mpi()) and "RANK" not in os.environ:
+        # a plain `python launch/stage1.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    _preflight(timeout_s)
+
     import deepspeed
 
-    _env_from_slurm()
     use_cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(
-        dist_backend="nccl" if use_cuda else "gloo",
-        auto_mpi_discovery=_launched_by_mpi(),
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-        verbose=False,
-    )
+    try:
+        deepspeed.init_distributed(
+            dist_backend="nccl" if use_cuda else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+    except (dist.DistStoreError, dist.DistNetworkError) as err:
+        raise DistributedSetupError(
+            f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} on host {socket.gethostname()}: the ranks did not all "
+            f"join at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within the timeout ({timeout_s:.0f} s): "
+            f"{_one_line(str(err))}. A rank that failed before joining says why in its own log; otherwise check that "
+            "every node was started with the same hostfile/world size, MASTER_ADDR and MASTER_PORT"
+        ) from None
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        if torch.cuda.device_count() == 1:  # one GPU per task (srun --gpus-per-task=1): it is device 0
+            local_rank_device = 0
+        else:
+            local_rank_device = local_rank
+        torch.cuda.set_device(local_rank_device)
+        device = torch.device("cuda", local_rank_device)
     else:
         device = torch.device("cpu")
-    return World(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    world = World(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    if world_size > 1 and os.environ.get("MEDCARE_LIVENESS", "1") != "0":
+        _liveness = _Liveness.start(world, grace_s=min(30.0, timeout_s))
+    return world
 
 
 def shutdown() -> None:
-    """Destroy the process group so that MPI and gloo exit cleanly."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave cleanly: tell rank 0's liveness server (a clean exit, or the exception being
+    raised), then destroy the process group so that MPI and gloo exit cleanly."""
+    global _liveness
+    error = sys.exc_info()[1]
+    if _liveness is not None:
+        _liveness.close(error)
+        _liveness = None
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if error is None:
         dist.destroy_process_group()
+        return
+    # On the way out of a failure a peer may be gone: never let the cleanup hang the exit.
+    t = threading.Thread(target=_destroy_quietly, daemon=True)
+    t.start()
+    t.join(timeout=30)
 
+
+def _destroy_quietly() -> None:
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# Liveness: who died, told to everyone
+# ---------------------------------------------------------------------------------------
+
+def _keepalive(sock: socket.socket) -> None:
+    """Notice a peer whose host vanished (no FIN ever comes) within about a minute."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for opt, val in (("TCP_KEEPIDLE", 20), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 6)):
+            if hasattr(socket, opt):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
+    except OSError:
+        pass
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())[:500]
+
+
+class _Liveness:
+    """One TCP connection per rank to a server thread on rank 0.
+
+    Clients send `hello RANK`, then `bye` (clean exit) or `fail TEXT` (exception) when they
+    leave. A connection that closes without either belongs to a rank that died. Rank 0 tells
+    every other rank about the first failure with `lost RANK TEXT`; when rank 0 itself dies,
+    its clients see their connection close. Every survivor then prints the failed rank and,
+    after `grace_s`, exits with EXIT_PEER_FAILED if its main thread has not failed on its own
+    (a gloo collective fails at once; a NCCL one would wait for the full timeout).
+    """
+
+    def __init__(self, world: World, peers: list[tuple[str, int]], grace_s: float):
+        self.world, self.peers, self.grace_s = world, peers, grace_s
+        self.closing = False
+        self.failure: tuple[int, str] | None = None
+        self.lock = threading.Lock()
+        self.server: socket.socket | None = None
+        self.sock: socket.socket | None = None
+        self.clients: dict[socket.socket, int | None] = {}
+        self.left: set[int] = set()  # ranks that said bye or fail
+        self.all_left = threading.Event()
+
+    @classmethod
+    def start(cls, world: World, grace_s: float) -> "_Liveness":
+        server = None
+        port = 0
+        if world.rank == 0:
+            if socket.has_dualstack_ipv6():
+                server = socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+            else:
+                server = socket.create_server(("", 0))
+            port = server.getsockname()[1]
+        table = gather_objects((socket.gethostname(), os.getpid(), port))
+        self = cls(world, [(h, p) for h, p, _ in table], grace_s)
+        if world.rank == 0:
+            self.server = server
+            hosts = sorted({h for h, _ in self.peers})
+            ranks = ", ".join(f"{r}:{h}/{p}" for r, (h, p) in enumerate(self.peers[:16]))
+            more = f", ... ({world.world_size} ranks)" if world.world_size > 16 else ""
+            print(f"[medcare_dist] world of {world.world_size} rank(s) on {len(hosts)} host(s); rank:host/pid {ranks}{more}", flush=True)
+            threading.Thread(target=self._serve, name="medcare-liveness-server", daemon=True).start()
+        else:
+            sock = socket.create_connection((os.environ["MASTER_ADDR"], table[0][2]), timeout=60)
+            sock.settimeout(None)
+            _keepalive(sock)
+            sock.sendall(f"hello {world.rank}\n".encode())
+            self.sock = sock
+            threading.Thread(target=self._listen, name="medcare-liveness-client", daemon=True).start()
+        return self
+
+    def describe(self, rank: int) -> str:
+        host, pid = self.peers[rank] if 0 <= rank < len(self.peers) else ("?", "?")
+        return f"rank {rank} (host {host}, pid {pid})"
+
+    # -- rank 0 ----------------------------------------------------------------------------
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.server, selectors.EVENT_READ)
+        buffers: dict[socket.socket, bytes] = {}
+        while True:
+            for key, _ in sel.select(timeout=1.0):
+                sock = key.fileobj
+                if sock is self.server:
+                    try:
+                        conn, _ = self.server.accept()
+                    except OSError:
+                        continue
+                    _keepalive(conn)
+                    with self.lock:
+                        self.clients[conn] = None
+                    buffers[conn] = b""
+                    sel.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = sock.recv(4096)
+                    error = None
+                except OSError as err:
+                    data, error = b"", err
+                if data:
+                    buffers[sock] += data
+                    while b"\n" in buffers[sock]:
+                        line, buffers[sock] = buffers[sock].split(b"\n", 1)
+                        self._on_client_line(sock, line.decode(errors="replace"))
+                    continue
+                sel.unregister(sock)
+                with self.lock:
+                    rank = self.clients.pop(sock, None)
+                sock.close()
+                if rank is not None and rank not in self.left:
+                    why = f"lost its connection to rank 0 ({error.strerror or error}): its host may be down or unreachable" if error else (
+                        "exited without shutting down (killed, crashed, or out of memory)")
+                    self._record_failure(rank, why)
+                self._check_all_left()
+
+    def _on_client_line(self, sock: socket.socket, line: str) -> None:
+        word, _, rest = line.partition(" ")
+        if word == "hello":
+            with self.lock:
+                self.clients[sock] = int(rest)
+        elif word == "bye":
+            self.left.add(self.clients.get(sock))
+            self._check_all_left()
+        elif word == "fail":
+            rank = self.clients.get(sock)
+            self.left.add(rank)
+            self._record_failure(rank, f"failed: {rest}")
+            self._check_all_left()
+
+    def _check_all_left(self) -> None:
+        if len(self.left) >= self.world.world_size - 1:
+            self.all_left.set()
+
+    def _record_failure(self, rank: int, why: str) -> None:
+        with self.lock:
+            if self.failure is not None:
+                return
+            self.failure = (rank, why)
+            targets = [s for s, r in self.clients.items() if r is not None and r != rank]
+        for s in targets:
+            try:
+                s.sendall(f"lost {rank} {_one_line(why)}\n".encode())
+            except OSError:
+                pass
+        self._on_peer_failure(rank, why)
+
+    # -- other ranks -----------------------------------------------------------------------
+    def _listen(self) -> None:
+        buffer = b""
+        error = None
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError as err:
+                data, error = b"", err
+            if not data:
+                break
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                word, _, rest = line.decode(errors="replace").partition(" ")
+                if word == "lost":
+                    rank, _, why = rest.partition(" ")
+                    self._on_peer_failure(int(rank), why)
+                elif word == "fail":
+                    self._on_peer_failure(0, f"failed: {rest}")
+        if self.closing or self.failure is not None:
+            return
+        why = f"lost the connection to it ({error.strerror or error}): its host may be down or unreachable" if error else (
+            "exited without shutting down (killed, crashed, or out of memory)")
+        self._on_peer_failure(0, why)
+
+    # -- every rank ------------------------------------------------------------------------
+    def _on_peer_failure(self, rank: int, why: str) -> None:
+        if self.closing:
+            return
+        self.failure = (rank, why)
+        me = self.world.rank
+        print(
+            f"[medcare_dist] rank {me}: {self.describe(rank)} {why}. The job cannot continue without it: "
+            f"rank {me} stops (in at most {self.grace_s:.0f} s).",
+            file=sys.stderr, flush=True,
+        )
+        timer = threading.Timer(self.grace_s, self._exit_now, args=(rank,))
+        timer.daemon = True
+        timer.start()
+
+    def _exit_now(self, rank: int) -> None:
+        print(f"[medcare_dist] rank {self.world.rank}: exiting with status {EXIT_PEER_FAILED} because rank {rank} failed", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER_FAILED)
+
+    def close(self, error: BaseException | None) -> None:
+        """Say goodbye (or why we fail); rank 0 waits briefly for everyone's goodbye."""
+        if self.world.rank == 0:
+            if error is not None and self.failure is None:
+                with self.lock:
+                    targets = [s for s, r in self.clients.items() if r is not None]
+                for s in targets:
+                    try:
+                        s.sendall(f"fail {_one_line(f'{type(error).__name__}: {error}')}\n".encode())
+                    except OSError:
+                        pass
+            elif error is None:
+                self.all_left.wait(timeout=min(120.0, max(10.0, self.grace_s)))
+            self.closing = True
+            return  # the server thread is a daemon; the socket closes with the process
+        self.closing = True
+        msg = "bye\n" if error is None else f"fail {_one_line(f'{type(error).__name__}: {error}')}\n"
+        try:
+            self.sock.sendall(msg.encode())
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# Collectives
+# ---------------------------------------------------------------------------------------
 
 def _collective_on_flat(tensors: list[torch.Tensor], collective) -> None:
     """Run one collective over all `tensors` packed into one buffer, then unpack in place."""

@@ -50,6 +50,7 @@ def build_trainer(
     from .data import load_dataset_for_training
     from .model import base_checksum, build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
 
+    dist_utils.check_launch(cfg)  # batch size vs the ranks the launcher started, before any rendezvous
     is_main = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))) == 0
     log = print if is_main else (lambda *_: None)
     if not is_main:
