@@ -20,6 +20,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def stage1_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """20 steps of stage 1 on 2 CPU ranks through the deepspeed launcher (shared by the stage-1
+    and pipeline tests)."""
+    out = tmp_path_factory.mktemp("stage1")
+    cmd = [
+        "deepspeed", "--num_gpus", "2", "--master_port", "29611", "launch/stage1.py",
+        "--model", str(tiny_model_dir), "--data", str(SAMPLE / "stage1.jsonl"),
+        "--output_dir", str(out), "--max_steps", "20", "--save_every", "10", "--log_every", "1",
+        "--global_batch_size", "8", "--micro_batch_size", "2", "--lr", "2e-3", "--max_length", "256",
+        "--num_experts", "4", "--lora_r", "8",
+    ]
+    run_launcher(cmd, out / "launcher.log")
+    return out
+
+
 def run_launcher(cmd: list[str], log_path: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a launcher command from the repo root, keep its output in `log_path`, and fail the
     test with the tail of that output if it exits non-zero."""

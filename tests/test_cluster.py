@@ -103,8 +103,9 @@ def rank_pid(rank: int, rank_var: str = "RANK", under: int | None = None, **env_
     candidates = psutil.Process(under).children(recursive=True) if under else psutil.process_iter()
     for proc in candidates:
         try:
-            if "launch/stage1.py" not in " ".join(proc.cmdline()):
-                continue
+            cmdline = proc.cmdline()
+            if not cmdline or "python" not in Path(cmdline[0]).name or "launch/stage1.py" not in cmdline[1:3]:
+                continue  # not a rank (a launcher, srun, the batch script)
             env = proc.environ()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
@@ -295,14 +296,9 @@ def slurm(tmp_path_factory):
         yield env
     finally:
         subprocess.run(["scancel", "--full", "-u", "root"], env=env, capture_output=True)
-        for p in reversed(daemons):
-            p.terminate()
-        for p in reversed(daemons):
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        for p in reversed(daemons):  # a throwaway cluster: no need for a graceful stop
+            p.kill()
+            p.wait()
 
 
 def sbatch_stage1(slurm_env: dict, tmp: Path, out: Path, args: list[str]) -> subprocess.Popen:

@@ -1,29 +1,12 @@
 """Stage 1 through the real launcher: `deepspeed --num_gpus 2 launch/stage1.py` on 2 CPU ranks."""
 
 import json
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE, run_launcher
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def stage1_run(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stage1")
-    cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", "29611", "launch/stage1.py",
-        "--model", str(tiny_model_dir), "--data", str(SAMPLE / "stage1.jsonl"),
-        "--output_dir", str(out), "--max_steps", "20", "--save_every", "10", "--log_every", "1",
-        "--global_batch_size", "8", "--micro_batch_size", "2", "--lr", "2e-3", "--max_length", "256",
-        "--num_experts", "4", "--lora_r", "8",
-    ]
-    run_launcher(cmd, out / "launcher.log")
-    return out
 
 
 def test_loss_falls_and_metrics_are_logged(stage1_run):
