@@ -29,6 +29,15 @@ def _prepare_stage2(args) -> None:
     prepare_stage2(args.stage1, args.out, max_shard_size=args.max_shard_size)
 
 
+def _export(args) -> None:
+    from .export import export_adapter, export_merged
+
+    if args.adapter_only:
+        export_adapter(args.checkpoint, args.out)
+    else:
+        export_merged(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(run=_prepare_stage2)
+
+    p = sub.add_parser("export", help="checkpoint -> plain Hugging Face model (or PEFT adapter with --adapter-only)")
+    p.add_argument("--checkpoint", required=True, help="a stage-2 checkpoint (a stage-1 one with --adapter-only)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--adapter-only", action="store_true", help="write PEFT adapter(s) instead of merged weights")
+    p.set_defaults(run=_export)
     return parser
 
 

@@ -191,8 +191,11 @@ def world_size_origin() -> str:
 # ---------------------------------------------------------------------------------------
 
 def check_launch(cfg) -> None:
-    """Checks of the training config against the launch, before any rendezvous: the global
-    batch must split evenly over the ranks the launcher started."""
+    """What can be checked right at the start, before any data loading or rendezvous: the
+    global batch splits evenly over the ranks the launcher started, and (non-zero ranks) the
+    master address resolves and its host answers. A host that answers "connection refused"
+    is fine here: rank 0 opens the port only when it joins, which init_distributed waits for."""
+    _env_from_slurm() or _env_from_mpi()
     world_size = launch_world_size()
     if world_size is None:
         return
@@ -200,6 +203,10 @@ def check_launch(cfg) -> None:
         cfg.grad_accum_steps(world_size)
     except ConfigError as err:
         raise ConfigError(f"{err}; the world size {world_size} is set by {world_size_origin()}") from None
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if os.environ.get("RANK", "0") != "0" and addr and port.isdigit():
+        connect_timeout = float(os.environ.get("MEDCARE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S))
+        _check_master_reachable(addr, int(port), int(os.environ["RANK"]), wait_refused_s=None, connect_timeout_s=connect_timeout)
 
 
 def _int_env(name: str) -> int:
@@ -209,12 +216,13 @@ def _int_env(name: str) -> int:
     return int(value)
 
 
-def _check_master_reachable(addr: str, port: int, rank: int, wait_refused_s: float, connect_timeout_s: float) -> None:
+def _check_master_reachable(addr: str, port: int, rank: int, wait_refused_s: float | None, connect_timeout_s: float) -> None:
     """From a non-zero rank: can we open a TCP connection to the master (rank 0's store)?
 
     "Connection refused" means the host answers but rank 0 is not listening yet: wait for it
-    (up to `wait_refused_s`). No answer at all (timeout, no route) means a wrong address, a
-    host that is down or a firewall: give up after `connect_timeout_s`.
+    (up to `wait_refused_s`; None: the host answered, that is enough). No answer at all
+    (timeout, no route) means a wrong address, a host that is down or a firewall: give up
+    after `connect_timeout_s`.
     """
     where = f"rank {rank} on host {socket.gethostname()}"
     hint = (
@@ -234,6 +242,8 @@ def _check_master_reachable(addr: str, port: int, rank: int, wait_refused_s: flo
             with socket.create_connection((addr, port), timeout=min(10.0, max(1.0, connect_timeout_s))):
                 return
         except ConnectionRefusedError:
+            if wait_refused_s is None:
+                return
             if elapsed > wait_refused_s:
                 raise DistributedSetupError(
                     f"{where}: nothing listens on the master {addr}:{port} after {elapsed:.0f} s (connection refused): "

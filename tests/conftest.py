@@ -68,3 +68,25 @@ def write_stage1_checkpoint(model_dir: Path, out_dir: Path, seed: int = 0, **ove
     manifest = {"stage": 1, "base_model": str(model_dir), "base_fingerprint": base_fingerprint(model_dir),
                 "adapter_layout": adapters.layout(), "versions": versions()}
     return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, {}, cfg.to_dict(), manifest)
+
+
+def write_stage2_checkpoint(stage2_base: Path, out_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A stage-2 checkpoint with random (non-zero) alignment weights, written without training."""
+    import torch
+
+    from medcare_dist.checkpoint import TrainState, base_fingerprint, save_checkpoint, versions
+    from medcare_dist.config import TrainConfig
+    from medcare_dist.model import load_frozen_base
+    from medcare_dist.stage2 import stage2_adapters
+
+    cfg = TrainConfig(stage=2, model=str(stage2_base), data=["unused"], **overrides)
+    model = load_frozen_base(str(stage2_base), None, torch.float32)
+    torch.manual_seed(seed)
+    adapters = stage2_adapters(model, cfg)
+    with torch.no_grad():
+        for name, p in adapters.named_parameters():
+            if "alignment" in name and name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    manifest = {"stage": 2, "base_model": str(stage2_base), "base_fingerprint": base_fingerprint(stage2_base),
+                "adapter_layout": adapters.layout(), "versions": versions()}
+    return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, {}, cfg.to_dict(), manifest)
