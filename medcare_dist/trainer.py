@@ -7,8 +7,9 @@ layer by layer in forward and backward). The adapters are outside the engine (se
 Exactness by construction:
 - each rank divides its summed token loss by the label-token count of the *global* batch,
   so the summed gradient equals the single-process gradient at any world size;
-- the RNG (LoRA dropout) is reseeded at every step from (seed, step, rank), so a resumed
-  run replays the same randomness without saving RNG state;
+- the RNG (LoRA dropout) is reseeded for every micro-batch from (seed, step, micro-batch
+  number within the global batch), so a resumed run replays the same randomness without
+  saving RNG state, on any number of ranks;
 - batches come from a seeded plan (`data.plan_global_batches`), so the data position is
   just (epoch, batch index).
 """
@@ -66,6 +67,11 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         ignore_index=-100,
         reduction="sum",
     )
+
+
+def micro_batch_seed(seed: int, step: int, piece: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{step}:{piece}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -152,11 +158,13 @@ class Trainer:
         """Forward and backward of this rank's share of `global_batch`, then the adapter
         gradients summed over ranks. Returns this rank's loss parts and token count."""
         cfg, world = self.cfg, self.world
-        torch.manual_seed(cfg.seed * 1_000_003 + self.state.step * 1_009 + world.rank)
         global_label_tokens = max(1, sum(self.label_tokens[i] for i in global_batch))
         parts: dict[str, float] = {}
         tokens = 0
-        for indices in micro_batches_for_rank(global_batch, world.world_size, world.rank, cfg.micro_batch_size):
+        for micro_step, indices in enumerate(micro_batches_for_rank(global_batch, world.world_size, world.rank, cfg.micro_batch_size)):
+            # Micro-batch number k of the global batch holds the same records at any world size
+            # (data.micro_batches_for_rank); seeding from it gives the same dropout masks too.
+            torch.manual_seed(micro_batch_seed(cfg.seed, self.state.step, micro_step * world.world_size + world.rank))
             batch = self._micro_batch(indices)
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             lm = causal_lm_loss_sum(logits, batch["labels"]) / global_label_tokens

@@ -1,0 +1,110 @@
+"""Resume: exact after a SIGKILL, atomic saves, and a different world size."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, SAMPLE, run_launcher
+from medcare_dist import checkpoint as ckpt_mod
+from medcare_dist.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+
+STEPS = 12
+ARGS = ["--data", str(SAMPLE / "stage1.jsonl"), "--max_steps", str(STEPS), "--save_every", "4", "--log_every", "1",
+        "--global_batch_size", "8", "--micro_batch_size", "2", "--lr", "2e-3", "--max_length", "128",
+        "--num_experts", "4", "--lora_r", "4", "--keep_last", "2"]
+
+
+def stage1_cmd(model_dir, out, ranks, port, *extra):
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "launch/stage1.py",
+            "--model", str(model_dir), "--output_dir", str(out), *ARGS, *extra]
+
+
+def final_adapters(out):
+    return load_file(str(out / f"checkpoint-{STEPS}" / "adapters.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_launcher(stage1_cmd(tiny_model_dir, out, 2, 29641), out.parent / "uninterrupted.log")
+    return out
+
+
+def wait_for_step(metrics, step, proc, deadline):
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (status {proc.returncode}) before step {step}")
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in time")
+
+
+@pytest.mark.distributed
+def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path):
+    kill_step = random.Random().randint(5, 10)
+    out = tmp_path / "killed"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(stage1_cmd(tiny_model_dir, out, 2, 29642), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        try:
+            wait_for_step(out / "metrics.jsonl", kill_step, proc, time.time() + 300)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-step
+            proc.wait()
+    assert not (out / f"checkpoint-{STEPS}").exists(), f"killed at step {kill_step} too late"
+    assert find_resume_checkpoint(out, "auto").name in ("checkpoint-4", "checkpoint-8")
+    run_launcher(stage1_cmd(tiny_model_dir, out, 2, 29643, "--resume", "auto"), tmp_path / "resumed.log")
+    assert "resumed from" in (tmp_path / "resumed.log").read_text()
+    want, got = final_adapters(uninterrupted), final_adapters(out)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"{name} differs after resume (killed at step {kill_step})"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{STEPS}", "checkpoint-8"]  # keep_last 2
+
+
+@pytest.mark.distributed
+def test_resume_on_one_rank_from_a_two_rank_checkpoint_matches(uninterrupted, tiny_model_dir, tmp_path):
+    out = tmp_path / "one_rank"
+    out.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-8", out / "checkpoint-8")
+    run_launcher(stage1_cmd(tiny_model_dir, out, 1, 29644, "--resume", "auto"), tmp_path / "one_rank.log")
+    assert "saved by 2 rank(s), now 1" in (tmp_path / "one_rank.log").read_text()
+    want, got = final_adapters(uninterrupted), final_adapters(out)
+    for name in want:
+        err = float((got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-12))
+        assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
+
+
+def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_path, monkeypatch):
+    def save(step):
+        return save_checkpoint(tmp_path, TrainState(step=step), {"w": torch.full((3,), float(step))}, {"s": step}, {}, {}, {"stage": 1})
+
+    save(1)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")  # after the adapters were written, before the rest
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    with pytest.raises(OSError):
+        save(2)
+    monkeypatch.undo()
+    assert (tmp_path / ".checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()
+    chosen = find_resume_checkpoint(tmp_path, "auto")
+    assert chosen.name == "checkpoint-1"
+    assert float(load_checkpoint(chosen)["adapters"]["w"][0]) == 1.0
+    save(3)  # a later save works and is chosen
+    assert find_resume_checkpoint(tmp_path, "auto").name == "checkpoint-3"
+    (tmp_path / "latest").write_text("checkpoint-9\n")  # latest naming something incomplete is never trusted
+    assert find_resume_checkpoint(tmp_path, "auto").name == "checkpoint-3"
