@@ -348,6 +348,26 @@ def test_slurm_job_ends_when_rank_0_is_killed(slurm, tiny_model_dir, tmp_path):
     assert f"rank 1: rank 0 (host {socket.gethostname()}, pid {victim}) exited without shutting down" in text, text[-4000:]
 
 
+def test_slurm_pipeline_runs_all_four_jobs(slurm, tiny_model_dir, tmp_path):
+    """pipeline.sh for real: stage 1 -> prepare-stage2 -> stage 2 -> export, chained with
+    --dependency=afterok, WAIT=1 blocking on the export job."""
+    run = tmp_path / "run"
+    common = "--max_steps 2 --global_batch_size 4 --micro_batch_size 2 --max_length 256 --log_every 1 --timeout_minutes 5"
+    env = launch_env(**slurm, WAIT="1", NODES="1", GPUS_PER_NODE="0", TASKS_PER_NODE="2", CPUS_PER_TASK="1",
+                     PREP_CPUS="1", PREP_MEM="500M", STAGE1_CONFIG="", STAGE2_CONFIG="", RUN_DIR=str(run),
+                     STAGE1_ARGS=f"--model {tiny_model_dir} --data {SAMPLE / 'stage1.jsonl'} --num_experts 4 --lora_r 8 {common}",
+                     STAGE2_ARGS=f"--data {SAMPLE / 'stage2.jsonl'} {common}")
+    proc = subprocess.run(["bash", "launch/slurm/pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted((run / "logs").glob("*.out")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    assert "pipeline finished" in proc.stdout
+    assert sorted(p.name.split("-")[1] for p in (run / "logs").glob("*.out")) == ["export", "prepare", "stage1", "stage2"]
+    for stage in ("stage1", "stage2"):
+        assert (run / stage / "latest").read_text().strip() == "checkpoint-2"
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"] and (run / "final" / "model.safetensors").exists()
+
+
 def test_pipeline_dry_run_chains_the_jobs(tmp_path):
     """pipeline.sh submits 4 jobs, each depending on the one before (DRY_RUN prints them)."""
     proc = subprocess.run(["bash", "launch/slurm/pipeline.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
