@@ -20,13 +20,13 @@ tensor (plus the adapters), never the whole model. This benchmark checks that cl
                 for every S in --shard-sizes; each output is spot-checked (tensor count, one
                 merged projection against base + scale * (B_k A_k + B_a A_a)) and deleted.
 
-Peak RSS is the kernel's high-water mark of the child (ru_maxrss of os.wait4), exact. RSS
-counts both anonymous memory (heap: tensors copied out of the file, pending output shard)
-and file-backed pages mapped into the process (safetensors reads through mmap, and every
-page of an input shard touched through the map stays in RSS until the file is closed). Those
-file pages are page cache, reclaimable and shared: they do not need free memory. So the
-/proc/PID/status fields RssAnon and RssFile are also sampled every ~5 ms and their peaks
-reported separately (sampled: a spike shorter than the interval can be missed).
+Peak RSS is VmHWM, the kernel's high-water mark of the child's RSS, polled every ~5 ms until
+it exits. RSS counts both anonymous memory (heap: tensors copied out of the file, the pending
+output shard) and file-backed pages mapped into the process (safetensors reads through mmap,
+and every page of an input shard touched through the map stays in RSS until the file is
+closed). Those file pages are page cache, reclaimable and shared: they do not need free
+memory. So the /proc/PID/status fields RssAnon and RssFile are sampled at the same time and
+their peaks reported separately (sampled: a spike shorter than the interval can be missed).
 
 Synthetic shapes: the decoder layer of Qwen1.5-1.8B (hidden 2048, FFN 5504, 16 heads, q/k/v
 bias) with a 32000-token vocabulary (so the embedding, 131 MB, fits in a 200 MB shard as
@@ -187,6 +187,7 @@ def write_stage2_checkpoint(base: Path, out: Path, knowledge: dict, rank: int, s
 
 
 def _status_kb(pid: int) -> dict[str, int]:
+    """VmHWM, RssAnon, RssFile of a live process, in kB ({} once it has exited)."""
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except (FileNotFoundError, ProcessLookupError):
@@ -194,31 +195,33 @@ def _status_kb(pid: int) -> dict[str, int]:
     fields = {}
     for line in lines:
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+        if key in ("VmHWM", "RssAnon", "RssFile"):
             fields[key] = int(value.split()[0])
     return fields
 
 
 def measure(cmd: list[str], log: Path, interval: float = 0.005) -> dict:
-    """Run `cmd`; its exact peak RSS (wait4's ru_maxrss) and sampled peaks of RssAnon/RssFile, bytes."""
+    """Run `cmd` in a child; its peak RSS, peak RssAnon and peak RssFile in bytes, and its wall time.
+
+    Peak RSS is VmHWM, the kernel's high-water mark of the child's RSS since its exec: monotonic,
+    so polling it until the child exits misses only the last few ms of the interpreter's
+    shutdown. (wait4's ru_maxrss is not used: Linux carries the pre-exec high-water mark of the
+    forked child into it, i.e. the RSS of this benchmark process, which holds torch too.)
+    RssAnon and RssFile have no high-water mark of their own: their peaks are sampled."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    env.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else env.get("DS_ACCELERATOR", "cuda"))
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    peak = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
-        peak = {"RssAnon": 0, "RssFile": 0}
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        while proc.poll() is None:
             for key, kb in _status_kb(proc.pid).items():
-                if key in peak:
-                    peak[key] = max(peak[key], kb)
+                peak[key] = max(peak[key], kb)
             time.sleep(interval)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-4000:]}")
-    return {"peak": usage.ru_maxrss * 1024, "anon": peak["RssAnon"] * 1024, "file": peak["RssFile"] * 1024,
+    return {"peak": peak["VmHWM"] * 1024, "anon": peak["RssAnon"] * 1024, "file": peak["RssFile"] * 1024,
             "seconds": time.perf_counter() - start}
 
 
@@ -229,7 +232,10 @@ FLOOR = (
 NAIVE = (
     "import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
     "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)\n"
-    "print(sum(p.numel() for p in model.parameters()), 'parameters loaded')\n"
+    "n = 0\n"
+    "for p in model.parameters():  # touch every weight, as any use of the model does (transformers may\n"
+    "    p.sum(); n += p.numel()    # leave bf16 weights as untouched views of the memory-mapped file)\n"
+    "print(n, 'parameters loaded')\n"
 )
 
 

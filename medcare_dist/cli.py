@@ -38,8 +38,25 @@ def _export(args) -> None:
         export_merged(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
 
 
+def _eval(args) -> None:
+    from .evaluate import run_eval
+
+    run_eval(args.model, args.data, args.out, batch_size=args.batch_size, max_length=args.max_length,
+             max_new_tokens=args.max_new_tokens, dtype=args.dtype, generate=not args.no_generate,
+             trust_remote_code=args.trust_remote_code)
+
+
+def _plot(args) -> None:
+    from .plotting import plot_metrics_file
+
+    plot_metrics_file(args.metrics, args.out)
+    print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
+    # `deepspeed --module medcare_dist eval ...` passes --local_rank=N before the subcommand
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="write the built-in tiny Qwen2 model and tokenizer (HF format)")
@@ -70,6 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--adapter-only", action="store_true", help="write PEFT adapter(s) instead of merged weights")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("eval", help="LM loss / perplexity and exam accuracy of any artefact (data-parallel under deepspeed)")
+    p.add_argument("--model", required=True, help="HF model dir or hub name, a prepared stage-2 base, or a stage-1/2 checkpoint")
+    p.add_argument("--data", nargs="+", default=None, help="conversation and/or exam files (default: the sample exam)")
+    p.add_argument("--max-length", type=int, default=2048, help="conversation records are cut here")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward on each rank")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length for the generated-answer accuracy")
+    p.add_argument("--no-generate", action="store_true", help="skip the generated-answer accuracy")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("plot", help="draw a metrics.jsonl (loss, lr, tokens/s, router load) into a PNG")
+    p.add_argument("metrics", help="a run's output_dir/metrics.jsonl")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(run=_plot)
     return parser
 
 

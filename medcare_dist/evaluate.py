@@ -436,7 +436,7 @@ def build_report(model_path: str, artefact: str, dtype: torch.dtype, settings: E
     }
 
 
-def run_eval(model_path: str, data: Sequence[str], out: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+def run_eval(model_path: str, data: Sequence[str] | None = None, out: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
              max_length: int = 2048, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dtype: str = "auto",
              generate: bool = True, trust_remote_code: bool = False, timeout_minutes: float = 30.0) -> dict | None:
     """The `medcare-dist eval` command: join the process group (a world of one without a
@@ -448,6 +448,12 @@ def run_eval(model_path: str, data: Sequence[str], out: str | None = None, batch
 
     if batch_size < 1 or max_new_tokens < 0 or max_length < 2:
         raise ValueError(f"bad settings: batch_size={batch_size}, max_new_tokens={max_new_tokens}, max_length={max_length}")
+    if not data:
+        from .tiny import SAMPLE_DIR
+
+        if not (SAMPLE_DIR / "exam.jsonl").is_file():
+            raise ValueError("no --data given (and the sample exam of a source checkout is not here)")
+        data = [str(SAMPLE_DIR / "exam.jsonl")]
     files = data_files(list(data))
     for path in files:  # bad input fails before the process group and the model load
         if not path.is_file():

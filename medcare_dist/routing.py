@@ -8,6 +8,7 @@ import torch
 
 from .adapter_set import AdapterSet
 from .adapters import MoLoRA, load_balancing_loss
+from .reporting import CollapseDetector, collapse_warning, warn
 from .trainer import Objective
 
 
@@ -19,6 +20,7 @@ class RouterObjective(Objective):
         self.layers = [(target, a) for _, target, a in adapters.items() if isinstance(a, MoLoRA)]
         self.aux_loss_coef = aux_loss_coef
         self._counts = {target: torch.zeros(a.num_experts, dtype=torch.float64) for target, a in self.layers}
+        self._collapse = CollapseDetector()  # router health over log intervals (see reporting)
 
     def batch_losses(self, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         aux = []
@@ -33,11 +35,16 @@ class RouterObjective(Objective):
 
     def metrics(self) -> dict:
         """Per layer: the fraction of routed assignments each expert got since the last call,
-        and the entropy of that load (log E when balanced, 0 when collapsed)."""
+        and the entropy of that load (log E when balanced, 0 when collapsed). Experts under
+        1% of their layer's tokens (top_k x load) for `reporting.COLLAPSE_WINDOW` consecutive
+        calls are listed under "router_collapse"; rank 0 warns when a collapse starts."""
         from . import distributed as dist_utils
 
         targets = list(self._counts)
-        flat = dist_utils.all_reduce_sum(torch.cat([self._counts[t] for t in targets]).tolist()) if targets else []
+        if not targets:
+            return {}
+        flat = dist_utils.all_reduce_sum(torch.cat([self._counts[t] for t in targets]).tolist())
+        top_k = {target: layer.top_k for target, layer in self.layers}
         load, entropy = {}, {}
         offset = 0
         for target in targets:
@@ -49,4 +56,17 @@ class RouterObjective(Objective):
             nz = frac[frac > 0]
             entropy[target] = round(float(-(nz * nz.log()).sum()), 4)
             self._counts[target].zero_()
-        return {"router_load": load, "router_entropy": entropy, "router_entropy_max": round(math.log(self.layers[0][1].num_experts), 4)} if targets else {}
+        out = {"router_load": load, "router_entropy": entropy,
+               "router_entropy_max": round(math.log(self.layers[0][1].num_experts), 4), "router_top_k": self.layers[0][1].top_k}
+        collapsed = self._collapse.update({t: [f * top_k[t] for f in load[t]] for t in targets})
+        if collapsed:
+            out["router_collapse"] = collapsed
+        if self._collapse.newly_collapsed and _is_rank_zero():
+            warn(collapse_warning(self._collapse.newly_collapsed, load))
+        return out
+
+
+def _is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -21,6 +21,7 @@ from .adapter_set import AdapterSet
 from .adapters import LoRA, lora_scale
 from .checkpoint import ADAPTERS_FILE, CheckpointError, base_fingerprint, read_manifest, versions
 from .config import ConfigError, TrainConfig
+from .losses import orthogonal_penalty
 from .hf_io import ShardedWriter, copy_side_files, iter_tensors, parse_size, resolve_model_dir, weight_files
 from .model import linear_targets
 from .trainer import Objective
@@ -140,17 +141,6 @@ def stage2_adapters(model: torch.nn.Module, cfg: TrainConfig) -> AdapterSet:
     for path, linear in align_targets:
         adapters.add("alignment", path, LoRA(linear.in_features, linear.out_features, rank, scale, cfg.lora_dropout))
     return adapters
-
-
-def orthogonal_penalty(adapters: AdapterSet) -> torch.Tensor:
-    """sum over projections with both adapters of sum(|A_know @ A_align^T|).
-
-    A local expression on this rank's full copies of the adapters: no collective in the
-    forward or the backward, and an exact gradient (the adapters are never ZeRO-partitioned).
-    """
-    knowledge = {target: a for _, target, a in adapters.items("knowledge")}
-    terms = [(knowledge[t].lora_A @ a.lora_A.T).abs().sum() for _, t, a in adapters.items("alignment") if t in knowledge]
-    return torch.stack(terms).sum()
 
 
 class OrthogonalObjective(Objective):

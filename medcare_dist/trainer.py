@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import distributed as dist_utils
 from .adapter_set import AdapterSet
@@ -33,7 +32,9 @@ from .checkpoint import CheckpointError, TrainState, find_resume_checkpoint, loa
 from .config import TrainConfig
 from .data import collate, micro_batches_for_rank, plan_global_batches
 from .distributed import World
+from .losses import causal_lm_loss_sum
 from .model import base_checksum, trainable_parameters
+from .reporting import MetricsReporter
 
 
 class Objective:
@@ -57,16 +58,6 @@ class StepResult:
     losses: dict[str, float]
     grad_norm: float
     tokens: int
-
-
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of next-token cross entropy over the labelled positions."""
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
 
 
 def micro_batch_seed(seed: int, step: int, piece: int) -> int:
@@ -118,6 +109,8 @@ class Trainer:
         self.label_tokens = dataset["num_label_tokens"]
         self.state = TrainState(world_size=world.world_size)
         self.metrics_file = self.out_dir / "metrics.jsonl"
+        # metrics.jsonl, plus TensorBoard when cfg.report_to asks (checked here, at startup, on every rank)
+        self.reporter = MetricsReporter(self.out_dir, cfg.report_to, enabled=world.is_main)
 
     # --- resume ---------------------------------------------------------------------
 
@@ -200,8 +193,7 @@ class Trainer:
     def _log_metrics(self, record: dict) -> None:
         if not self.world.is_main:
             return
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.reporter.write(record)  # metrics.jsonl (+ TensorBoard): reporting.MetricsReporter
         losses = " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("loss"))
         self.log(
             f"step {record['step']}/{self.num_steps} {losses} lr={record['lr']:.2e} "

@@ -4,7 +4,7 @@ import torch
 
 from medcare_dist.config import TrainConfig
 from medcare_dist.model import enable_activation_checkpointing, linear_targets, load_frozen_base, stage1_adapters
-from medcare_dist.trainer import causal_lm_loss_sum
+from medcare_dist.losses import causal_lm_loss_sum
 
 
 def stage1_model(model_dir, grad_checkpointing: bool):

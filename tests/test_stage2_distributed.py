@@ -13,8 +13,8 @@ from conftest import SAMPLE, run_launcher, write_stage1_checkpoint
 from medcare_dist.config import TrainConfig
 from medcare_dist.data import build_dataset, collate
 from medcare_dist.model import load_frozen_base
-from medcare_dist.stage2 import orthogonal_penalty, prepare_stage2, stage2_adapters
-from medcare_dist.trainer import causal_lm_loss_sum
+from medcare_dist.losses import causal_lm_loss_sum, orthogonal_penalty
+from medcare_dist.stage2 import prepare_stage2, stage2_adapters
 
 pytestmark = pytest.mark.distributed
 

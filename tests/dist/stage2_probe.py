@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from medcare_dist.data import plan_global_batches
 from medcare_dist.recipe import build_trainer, config_from_argv
-from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, orthogonal_penalty, stage2_adapters
+from medcare_dist.losses import orthogonal_penalty
+from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
 
 COLLECTIVES = [
     "all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter", "reduce_scatter_tensor",

@@ -1,0 +1,195 @@
+"""Where training metrics go, and router health.
+
+Every log interval the trainer builds one record (step, loss and its parts, lr, grad_norm,
+tokens_per_s; in stage 1 the router load and entropy per FFN projection) and hands it to a
+`MetricsReporter` on rank 0, which writes it to
+
+- `output_dir/metrics.jsonl`, one JSON object per line: always;
+- `output_dir/tensorboard/` (TensorBoard event files): when `report_to` contains
+  "tensorboard". Every numeric field becomes a scalar: top-level fields as `train/<field>`,
+  `router_load/<projection>/expert_<e>`, `router_entropy/<projection>`, and
+  `router/collapsed_experts` (how many experts are in collapse, see below).
+
+Router collapse: an expert that gets under `COLLAPSE_MIN_SHARE` (1%) of the tokens of its
+projection for `COLLAPSE_WINDOW` (3) consecutive log intervals is collapsed. The record then
+carries `"router_collapse": {projection: [expert, ...]}` and rank 0 prints a warning when a
+collapse starts. An expert's share of the tokens is top_k times its `router_load` (the
+fraction of the routed (token, expert) assignments, which sums to 1 over the experts).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .config import ConfigError
+
+COLLAPSE_MIN_SHARE = 0.01  # an expert under this share of its projection's tokens ...
+COLLAPSE_WINDOW = 3  # ... for this many consecutive log intervals is collapsed
+REPORT_TO_CHOICES = ("tensorboard", "jsonl", "none")  # jsonl is always on; "none" adds nothing
+TENSORBOARD_DIR = "tensorboard"
+METRICS_FILE = "metrics.jsonl"
+
+
+def check_report_to(report_to: Iterable[str]) -> list[str]:
+    """The validated `report_to` names; an unknown name, or tensorboard without the package,
+    is a ConfigError (meant for startup, before any training step)."""
+    names = [str(n).strip().lower() for n in report_to if str(n).strip()]
+    unknown = [n for n in names if n not in REPORT_TO_CHOICES]
+    if unknown:
+        raise ConfigError(f"report_to: unknown {', '.join(map(repr, unknown))}; known: {', '.join(REPORT_TO_CHOICES)}")
+    if "tensorboard" in names:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as err:
+            raise ConfigError(
+                f"report_to tensorboard needs the tensorboard package, which is not importable ({err}): "
+                "pip install 'medcare-dist[tensorboard]' (or pip install tensorboard), or drop --report_to tensorboard"
+            ) from None
+    return names
+
+
+def scalars(record: dict) -> Iterator[tuple[str, float]]:
+    """(tag, value) for every numeric field of a metrics record (see the module docstring)."""
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if key == "router_collapse":
+            continue  # summarised below
+        yield from _flatten(key, value, top=True)
+    if "router_load" in record:
+        collapsed = record.get("router_collapse") or {}
+        yield "router/collapsed_experts", float(sum(len(v) for v in collapsed.values()))
+
+
+def _flatten(key: str, value, top: bool = False) -> Iterator[tuple[str, float]]:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, (int, float)):
+        yield (f"train/{key}" if top else key), float(value)
+    elif isinstance(value, dict):
+        for sub, v in value.items():
+            yield from _flatten(f"{key}/{sub}", v)
+    elif isinstance(value, (list, tuple)):
+        item = "expert_" if key.startswith("router_load/") else ""
+        for i, v in enumerate(value):
+            yield from _flatten(f"{key}/{item}{i}", v)
+
+
+class JsonlSink:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def write(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardSink:
+    """Scalars of every record under `log_dir`; the writer is opened at the first record and
+    flushed after each one, so the files are complete whenever the run stops."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = Path(log_dir)
+        self.writer = None
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+            atexit.register(self.close)
+        step = int(record.get("step", 0))
+        for tag, value in scalars(record):
+            self.writer.add_scalar(tag, value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class MetricsReporter:
+    """The sinks of one run. Build it on every rank (so a bad `report_to` fails everywhere at
+    startup); only an `enabled` one (rank 0) writes."""
+
+    def __init__(self, output_dir: str | Path, report_to: Iterable[str] = (), enabled: bool = True):
+        names = check_report_to(report_to)
+        out = Path(output_dir)
+        self.sinks = []
+        if enabled:
+            self.sinks.append(JsonlSink(out / METRICS_FILE))
+            if "tensorboard" in names:
+                self.sinks.append(TensorBoardSink(out / TENSORBOARD_DIR))
+
+    def write(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+class CollapseDetector:
+    """Tracks, per projection and expert, how many consecutive log intervals the expert got
+    under `min_share` of the tokens.
+
+    `update({projection: [share of tokens per expert]})` returns the collapsed experts
+    {projection: [expert, ...]} (streak >= window); `newly_collapsed` holds those that
+    reached the window at this update (what to warn about once). An interval in which a
+    projection routed no token at all is no evidence either way and is skipped for it.
+    """
+
+    def __init__(self, min_share: float = COLLAPSE_MIN_SHARE, window: int = COLLAPSE_WINDOW):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.min_share, self.window = min_share, window
+        self.streak: dict[str, list[int]] = {}
+        self.newly_collapsed: dict[str, list[int]] = {}
+
+    def update(self, shares: dict[str, list[float]]) -> dict[str, list[int]]:
+        collapsed: dict[str, list[int]] = {}
+        self.newly_collapsed = {}
+        for target, values in shares.items():
+            streak = self.streak.setdefault(target, [0] * len(values))
+            if not any(v > 0 for v in values) or any(math.isnan(v) for v in values):
+                pass  # nothing routed in this interval: keep the streaks as they are
+            else:
+                for e, v in enumerate(values):
+                    streak[e] = streak[e] + 1 if v < self.min_share else 0
+                    if streak[e] == self.window:
+                        self.newly_collapsed.setdefault(target, []).append(e)
+            experts = [e for e, n in enumerate(streak) if n >= self.window]
+            if experts:
+                collapsed[target] = experts
+        return collapsed
+
+
+def collapse_warning(newly: dict[str, list[int]], loads: dict[str, list[float]], min_share: float = COLLAPSE_MIN_SHARE,
+                     window: int = COLLAPSE_WINDOW, max_listed: int = 6) -> str:
+    """One warning line about the projections whose experts just collapsed."""
+    items = list(newly.items())
+    listed = "; ".join(
+        f"{target}: expert(s) {', '.join(map(str, experts))} (load {', '.join(f'{loads[target][e]:.4f}' for e in experts)})"
+        for target, experts in items[:max_listed]
+    )
+    more = f"; and {len(items) - max_listed} more projection(s)" if len(items) > max_listed else ""
+    return (
+        f"[medcare_dist] warning: router collapse: {listed}{more}: under {min_share:.0%} of the tokens for "
+        f"{window} consecutive log intervals. Consider router_aux_loss_coef > 0 (load-balancing loss) "
+        "or a lower lr."
+    )
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
