@@ -96,11 +96,11 @@ def bench_variant(model, variant, args, device):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(input_ids=ids).logits
-                loss = causal_lm_loss_sum(logits, ids) / ids.numel()
-                if variant == "stage2":
-                    loss = loss + orthogonal_penalty(adapters)
+            # As in training: a bf16 base, fp32 adapters (the hook casts their input), no autocast.
+            logits = model(input_ids=ids).logits
+            loss = causal_lm_loss_sum(logits, ids) / ids.numel()
+            if variant == "stage2":
+                loss = loss + orthogonal_penalty(adapters)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
