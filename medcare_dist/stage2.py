@@ -149,6 +149,10 @@ class OrthogonalObjective(Objective):
         self._last = float("nan")
 
     def step_losses(self) -> dict[str, torch.Tensor]:
+        if self.ortho_lambda == 0:  # logged for comparison, but no backward to pay for
+            with torch.no_grad():
+                self._last = float(orthogonal_penalty(self.adapters))
+            return {}
         penalty = orthogonal_penalty(self.adapters)
         self._last = float(penalty.detach())
         return {"ortho": self.ortho_lambda * penalty}
