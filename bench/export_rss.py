@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))
 from medcare_dist.adapters import lora_scale  # noqa: E402
 from medcare_dist.checkpoint import TrainState, base_fingerprint, save_checkpoint, versions  # noqa: E402
 from medcare_dist.config import TrainConfig  # noqa: E402
-from medcare_dist.hf_io import INDEX_FILE, SIDE_FILES, ShardedWriter, parse_size, weight_files  # noqa: E402
+from medcare_dist.hf_io import SIDE_FILES, ShardedWriter, parse_size, weight_files  # noqa: E402
 from medcare_dist.stage2 import KNOWLEDGE_FILE, STAGE2_KIND, check_stage2_base  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5504, 16, 16, 32000
@@ -312,14 +312,13 @@ def run(args, work: Path) -> None:
     ckpt = write_stage2_checkpoint(base, work / "run", built["knowledge"], args.rank, args.seed)
     del built["knowledge"]
     model_bytes = dir_bytes(base, "model*.safetensors")
-    n_inputs = len(json.loads((base / INDEX_FILE).read_text())["weight_map"]) if (base / INDEX_FILE).exists() else 1
     layer_bytes = nbytes(layer_shapes(0))
     largest = max(VOCAB * HIDDEN, INTERMEDIATE * HIDDEN) * BYTES
     adapter_bytes = (ckpt / "adapters.safetensors").stat().st_size
     print(f"built in {time.perf_counter() - t0:.0f} s under {work}:")
     print(f"  stage-2 base   {model_bytes / MB:8.0f} MB bf16, {built['num_layers']} layers x {layer_bytes / MB:.1f} MB "
           f"(hidden {HIDDEN}, FFN {INTERMEDIATE}, vocab {VOCAB}), {len(list(base.glob('model*.safetensors')))} input "
-          f"shards of <= {args.input_shard_size}, {n_inputs} tensors, largest {largest / MB:.0f} MB")
+          f"shards of <= {args.input_shard_size}, {len(weight_files(base))} tensors, largest {largest / MB:.0f} MB")
     print(f"  checkpoint     {adapter_bytes / MB:8.1f} MB of fp32 adapters (knowledge + alignment, rank {args.rank}, "
           f"{3 * built['num_layers']} FFN projections each), scale {built['scale']}")
 
@@ -340,21 +339,29 @@ def run(args, work: Path) -> None:
         shutil.rmtree(out)
         rows.append((f"export --max-shard-size {size}", size, result))
 
-    print(f"\npeak RSS of each child (MB = 1e6 B; anon/file: sampled peaks of RssAnon/RssFile)")
-    print(f"{'child':32} {'time s':>6} {'peak':>7} {'anon':>7} {'file':>7} {'peak-floor':>10} "
-          f"{'/model':>7} {'/shard':>7} {'out shards':>18}")
+    print(f"\nchild peaks (MB = 1e6 B): RSS = VmHWM; anon, file = sampled peaks of RssAnon, RssFile;"
+          f" +floor = above the floor child's")
+    print(f"{'child':30} {'time s':>6} {'RSS':>6} {'+floor':>6} {'/model':>6} {'/shard':>6} "
+          f"{'anon':>6} {'+floor':>6} {'file':>6} {'+floor':>6}  output")
     for label, size, r in rows:
-        over = r["peak"] - floor["peak"]
-        line = (f"{label:32} {r['seconds']:6.1f} {r['peak'] / MB:7.0f} {r['anon'] / MB:7.0f} {r['file'] / MB:7.0f} "
-                f"{over / MB if r is not floor else 0:10.0f} {over / model_bytes if r is not floor else 0:7.2f}")
+        line = f"{label:30} {r['seconds']:6.1f} {r['peak'] / MB:6.0f} "
+        if r is floor:
+            line += f"{'':6} {'':6} {'':6} {r['anon'] / MB:6.0f} {'':6} {r['file'] / MB:6.0f}"
+        else:
+            over = r["peak"] - floor["peak"]
+            per_shard = f"{over / parse_size(size):6.2f}" if size else ""
+            line += (f"{over / MB:6.0f} {over / model_bytes:6.2f} {per_shard:>6} "
+                     f"{r['anon'] / MB:6.0f} {(r['anon'] - floor['anon']) / MB:6.0f} "
+                     f"{r['file'] / MB:6.0f} {(r['file'] - floor['file']) / MB:6.0f}")
         if size:
-            line += f" {over / parse_size(size):7.2f} {r['shards']:3d} x <= {r['largest_shard'] / MB:6.0f} MB"
+            line += f"  {r['shards']} shards, largest {r['largest_shard'] / MB:.0f} MB"
         print(line)
-    print(f"\nmodel {model_bytes / MB:.0f} MB; one decoder layer {layer_bytes / MB:.1f} MB; largest tensor {largest / MB:.0f} MB; "
-          f"adapters {adapter_bytes / MB:.1f} MB; input shards <= {parse_size(args.input_shard_size) / MB:.0f} MB")
-    print(f"anon above the floor's anon: " + ", ".join(
-        f"{label.split()[-1] if size else label.split()[0]} {(r['anon'] - floor['anon']) / MB:.0f} MB" for label, size, r in rows[1:]))
-
+    print(f"\nmodel {model_bytes / MB:.0f} MB; one decoder layer {layer_bytes / MB:.1f} MB; largest tensor "
+          f"{largest / MB:.0f} MB; one FFN projection {INTERMEDIATE * HIDDEN * BYTES / MB:.1f} MB "
+          f"({INTERMEDIATE * HIDDEN * 4 / MB:.1f} MB in fp32); adapters {adapter_bytes / MB:.1f} MB")
+    print("/model = (RSS - floor RSS) / model size; /shard = (RSS - floor RSS) / --max-shard-size")
+    print("the claim to check, above the floor: one output shard + one decoder layer + the adapters = " + ", ".join(
+        f"{(parse_size(size) + layer_bytes + adapter_bytes) / MB:.0f} MB at {size}" for size in args.shard_sizes))
 
 if __name__ == "__main__":
     main()

@@ -92,7 +92,7 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf1
         if pairs:
             weight = tensor.to(torch.float32, copy=True)
             for a, b in pairs:
-                weight += scale * (b.float() @ a.float())
+                weight.addmm_(b.float(), a.float(), alpha=scale)
             tensor = weight
             merged += 1
         writer.add(name, tensor.to(target_dtype) if tensor.is_floating_point() else tensor)

@@ -63,7 +63,7 @@ def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard
         target = name[: -len(".weight")]
         if target in attn:
             a, b = adapters[f"attn_lora.{target}.lora_A"], adapters[f"attn_lora.{target}.lora_B"]
-            tensor = (tensor.float() + scale * (b @ a)).to(tensor.dtype)
+            tensor = tensor.to(torch.float32, copy=True).addmm_(b, a, alpha=scale).to(tensor.dtype)
             merged += 1
         writer.add(name, tensor)
     writer.close()
