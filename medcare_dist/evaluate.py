@@ -300,7 +300,7 @@ def generate_answers(model, tokenizer, records: list[ExamRecord], batch_size: in
 @torch.no_grad()
 def conversation_loss_sum(model, dataset, indices: list[int], pad_id: int, batch_size: int, device) -> tuple[float, int]:
     """(sum of next-token cross entropy over the trained tokens, their count) for `indices`."""
-    from .trainer import causal_lm_loss_sum
+    from .losses import causal_lm_loss_sum
 
     total, tokens = 0.0, 0
     for start in range(0, len(indices), batch_size):

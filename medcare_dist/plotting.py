@@ -4,6 +4,7 @@ One subplot per kind of value the file holds, in this order (a subplot only when
 are there):
 
     loss              total loss and its LM part
+    LM loss           loss_lm alone, on its own scale (when there are other parts)
     auxiliary losses  the other loss parts: loss_ortho (stage 2), loss_router_aux (stage 1)
     learning rate
     tokens/s
@@ -78,6 +79,8 @@ def plot_metrics(records: list[dict], title: str | None = None):
     panels = []
     if "loss" in keys or "loss_lm" in keys:
         panels.append("loss")
+    if aux and "loss_lm" in keys:
+        panels.append("LM loss")  # on its own scale: the other terms can dwarf it
     if aux:
         panels.append("auxiliary losses")
     if "lr" in keys:
@@ -110,6 +113,9 @@ def plot_metrics(records: list[dict], title: str | None = None):
         if x_lm and (x_lm, y_lm) != (x, y):  # equal to the total when there is no other term
             ax.plot(x_lm, y_lm, label="loss_lm", linestyle="--")
         _finish(ax, "loss", "loss")
+    if "LM loss" in axes:
+        axes["LM loss"].plot(*_series(records, "loss_lm"), label="loss_lm", color="C1")
+        _finish(axes["LM loss"], "LM loss", "loss")
     if "auxiliary losses" in axes:
         ax = axes["auxiliary losses"]
         for key in aux:
@@ -133,11 +139,17 @@ def plot_metrics(records: list[dict], title: str | None = None):
 
 
 def _finish(ax, title: str, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if ax.get_lines():
+    lines = ax.get_lines()
+    if len(lines) > 6:  # many curves: the legend goes beside the plot, not over it
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    elif lines:
         ax.legend(fontsize="small", loc="best")
 
 

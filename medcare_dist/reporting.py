@@ -192,4 +192,7 @@ def collapse_warning(newly: dict[str, list[int]], loads: dict[str, list[float]],
 
 
 def warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Print to stderr on a line of its own, also while a tqdm progress bar is drawn there."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)

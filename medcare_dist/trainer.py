@@ -17,7 +17,6 @@ Exactness by construction:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
