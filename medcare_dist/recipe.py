@@ -17,6 +17,7 @@ from .adapter_set import AdapterSet
 from .checkpoint import base_fingerprint, versions
 from .config import ConfigError, TrainConfig, load_config, parse_overrides
 from .model import enable_activation_checkpointing
+from .reporting import check_report_to
 from .trainer import Objective, Trainer
 
 
@@ -57,6 +58,7 @@ def build_trainer(
         import datasets
 
         datasets.disable_progress_bars()
+    check_report_to(cfg.report_to)
     manifest_extra = check_inputs(cfg) if check_inputs else {}
     dtype = resolve_dtype(cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
