@@ -29,10 +29,10 @@ until the collective timeout. `MEDCARE_LIVENESS=0` turns it off.
 from __future__ import annotations
 
 import datetime
-import errno
 import os
 import selectors
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -117,7 +117,8 @@ def _free_port() -> int:
 
 
 def _own_address() -> str:
-    """This host's address as other hosts should dial it (what `hostname -I` lists first)."""
+    """This host's address as other hosts should dial it: the first non-loopback address its
+    name resolves to, else the first of `hostname -I`."""
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
             addr = info[4][0]
@@ -126,8 +127,6 @@ def _own_address() -> str:
     except OSError:
         pass
     try:
-        import subprocess
-
         out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=10).stdout.split()
         if out:
             return out[0]
@@ -301,10 +300,12 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
     """
     global _liveness
     timeout_s = timeout_minutes * 60
-    if not (_env_from_slurm() or _env_from_mpi()) and "RANK" not in os.environ:
-        # a plain `python launch/stage1.py`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    _preflight(timeout_s)
+    alone = not (_env_from_slurm() or _env_from_mpi()) and "RANK" not in os.environ
+    if alone:  # a plain `python launch/stage1.py`: a world of one. No RANK in our environment,
+        # which subprocesses (mpirun, srun) would inherit; DeepSpeed's engine wants LOCAL_RANK.
+        os.environ.setdefault("LOCAL_RANK", "0")
+    else:
+        _preflight(timeout_s)
 
     import deepspeed
 
@@ -315,6 +316,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
             auto_mpi_discovery=False,
             timeout=datetime.timedelta(seconds=timeout_s),
             verbose=False,
+            **(dict(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1) if alone else {}),
         )
     except (dist.DistStoreError, dist.DistNetworkError) as err:
         raise DistributedSetupError(
@@ -398,8 +400,10 @@ class _Liveness:
 
     def __init__(self, world: World, peers: list[tuple[str, int]], grace_s: float):
         self.world, self.peers, self.grace_s = world, peers, grace_s
-        self.closing = False
-        self.failure: tuple[int, str] | None = None
+        self.leaving_cleanly = False  # set by close(None): from then on a closed connection is expected
+        self.failure: tuple[int, str] | None = None  # the first failed rank, and how
+        self.failed = threading.Event()
+        self.reported = False  # rank 0: the first failure was sent to the other ranks
         self.lock = threading.Lock()
         self.server: socket.socket | None = None
         self.sock: socket.socket | None = None
@@ -499,9 +503,9 @@ class _Liveness:
 
     def _record_failure(self, rank: int, why: str) -> None:
         with self.lock:
-            if self.failure is not None:
+            if self.reported:
                 return
-            self.failure = (rank, why)
+            self.reported = True
             targets = [s for s, r in self.clients.items() if r is not None and r != rank]
         for s in targets:
             try:
@@ -530,7 +534,7 @@ class _Liveness:
                     self._on_peer_failure(int(rank), why)
                 elif word == "fail":
                     self._on_peer_failure(0, f"failed: {rest}")
-        if self.closing or self.failure is not None:
+        if self.leaving_cleanly or self.failure is not None:
             return
         why = f"lost the connection to it ({error.strerror or error}): its host may be down or unreachable" if error else (
             "exited without shutting down (killed, crashed, or out of memory)")
@@ -538,9 +542,10 @@ class _Liveness:
 
     # -- every rank ------------------------------------------------------------------------
     def _on_peer_failure(self, rank: int, why: str) -> None:
-        if self.closing:
-            return
-        self.failure = (rank, why)
+        with self.lock:
+            if self.leaving_cleanly or self.failure is not None:
+                return
+            self.failure = (rank, why)
         me = self.world.rank
         print(
             f"[medcare_dist] rank {me}: {self.describe(rank)} {why}. The job cannot continue without it: "
@@ -550,28 +555,35 @@ class _Liveness:
         timer = threading.Timer(self.grace_s, self._exit_now, args=(rank,))
         timer.daemon = True
         timer.start()
+        self.failed.set()
 
     def _exit_now(self, rank: int) -> None:
         print(f"[medcare_dist] rank {self.world.rank}: exiting with status {EXIT_PEER_FAILED} because rank {rank} failed", file=sys.stderr, flush=True)
         os._exit(EXIT_PEER_FAILED)
 
     def close(self, error: BaseException | None) -> None:
-        """Say goodbye (or why we fail); rank 0 waits briefly for everyone's goodbye."""
+        """Say goodbye, or why this rank fails. On failure, first give the liveness threads a
+        moment: when a peer died, this rank's collective error is a consequence, and the
+        message should name the peer (its connection closes within milliseconds)."""
+        if error is not None:
+            self.failed.wait(timeout=2.0)
+        else:
+            with self.lock:
+                self.leaving_cleanly = True
+        reason = f"fail {_one_line(f'{type(error).__name__}: {error}')}\n" if error is not None else ""
         if self.world.rank == 0:
-            if error is not None and self.failure is None:
+            if error is None:
+                self.all_left.wait(timeout=min(120.0, max(10.0, self.grace_s)))
+            elif self.failure is None:
                 with self.lock:
                     targets = [s for s, r in self.clients.items() if r is not None]
                 for s in targets:
                     try:
-                        s.sendall(f"fail {_one_line(f'{type(error).__name__}: {error}')}\n".encode())
+                        s.sendall(reason.encode())
                     except OSError:
                         pass
-            elif error is None:
-                self.all_left.wait(timeout=min(120.0, max(10.0, self.grace_s)))
-            self.closing = True
-            return  # the server thread is a daemon; the socket closes with the process
-        self.closing = True
-        msg = "bye\n" if error is None else f"fail {_one_line(f'{type(error).__name__}: {error}')}\n"
+            return  # the server thread is a daemon; its sockets close with the process
+        msg = reason or "bye\n"
         try:
             self.sock.sendall(msg.encode())
             self.sock.shutdown(socket.SHUT_WR)
