@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 # one-node SLURM (tests/test_cluster.py starts munged, slurmctld and slurmd itself, under a
 # temp dir, and stops them after).
 packages="openmpi-bin libopenmpi-dev munge slurmctld slurmd slurm-client"
-if command -v apt-get >/dev/null 2>&1 && ! { command -v mpirun && command -v munged && command -v slurmctld && command -v sbatch; } >/dev/null 2>&1; then
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! { command -v mpirun && command -v munged && command -v slurmctld && command -v sbatch; } >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq $packages >/dev/null
