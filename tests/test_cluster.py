@@ -451,10 +451,14 @@ RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    """No launcher variables; whatever the code under test sets is undone afterwards."""
+    """No launcher variables; whatever the code under test sets in os.environ (which
+    monkeypatch does not see) is undone afterwards, so later tests' launchers do not inherit it."""
+    saved = dict(os.environ)
     for var in RANK_VARS:
         monkeypatch.delenv(var, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_slurm_variables_become_rank_variables(clean_env):
