@@ -16,4 +16,4 @@ bash launch/setup.sh test,mpi,plot,tensorboard
 export DS_ACCELERATOR=cpu
 # DeepSpeed JIT-builds a small shared-memory op on first use: keep it with this venv.
 export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
-python -m pytest -q "$@"
+python -m pytest -q --durations=10 "$@"
