@@ -104,10 +104,9 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.num_steps), num_training_steps=self.num_steps
         )
-        self.lengths = dataset["length"] if "length" in dataset.column_names else [len(x) for x in dataset["input_ids"]]
+        self.lengths = dataset["length"]
         self.label_tokens = dataset["num_label_tokens"]
         self.state = TrainState(world_size=world.world_size)
-        self.metrics_file = self.out_dir / "metrics.jsonl"
         # metrics.jsonl, plus TensorBoard when cfg.report_to asks (checked here, at startup, on every rank)
         self.reporter = MetricsReporter(self.out_dir, cfg.report_to, enabled=world.is_main)
 
@@ -116,8 +115,8 @@ class Trainer:
     def maybe_resume(self) -> None:
         path = find_resume_checkpoint(self.out_dir, self.cfg.resume)
         if path is None:
-            if self.cfg.resume and self.cfg.resume != "auto":
-                raise FileNotFoundError(self.cfg.resume)
+            if self.cfg.resume:
+                self.log(f"--resume {self.cfg.resume}: no complete checkpoint in {self.out_dir}, starting from step 0")
             return
         ckpt = load_checkpoint(path)
         for key in ("stage", "base_fingerprint"):
