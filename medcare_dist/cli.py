@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", help="a run's output_dir/metrics.jsonl")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(run=_plot)
+    from .planner import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 

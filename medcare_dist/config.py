@@ -41,6 +41,7 @@ class TrainConfig:
     top_k: int = 2
     num_shared: int = 2
     router_aux_loss_coef: float = 0.0  # load-balancing loss; off as in the reference
+    routed_compute: str = "sparse"  # sparse | dense: how MoLoRA computes the routed experts (same result)
 
     # stage 2
     ortho_lambda: float = 1.0
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ConfigError("data is not set (--data FILE [FILE ...])")
         if self.on_bad_record not in ("error", "skip"):
             raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
+        if self.routed_compute not in ("sparse", "dense"):
+            raise ConfigError(f"routed_compute must be 'sparse' or 'dense', got {self.routed_compute!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         for name in ("lora_r", "num_experts", "top_k", "num_shared", "global_batch_size", "micro_batch_size", "max_length"):

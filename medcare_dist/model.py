@@ -105,6 +105,7 @@ def stage1_adapters(model: nn.Module, cfg: TrainConfig) -> AdapterSet:
                 top_k=cfg.top_k,
                 scale=scale,
                 dropout=cfg.lora_dropout,
+                routed_compute=cfg.routed_compute,
             ),
         )
     return adapters
