@@ -41,7 +41,7 @@ class TrainConfig:
     top_k: int = 2
     num_shared: int = 2
     router_aux_loss_coef: float = 0.0  # load-balancing loss; off as in the reference
-    routed_compute: str = "sparse"  # sparse | dense: how MoLoRA computes the routed experts (same result)
+    routed_compute: str = "dense"  # dense | sparse: how MoLoRA computes the routed experts (same result)
 
     # stage 2
     ortho_lambda: float = 1.0
