@@ -13,8 +13,11 @@ same run, at the real FFN shapes of Qwen1.5 (1.8B 2048->5504, 7B 4096->11008,
 What is measured (per variant):
 
   time     wall time of one forward+backward (upstream gradient given), after `--warmup`
-           steps, median of `--repeats`; the variants run round-robin so that drift of the
-           machine hits all of them alike. torch.set_num_threads(--threads) for all.
+           steps: median (and min) of `--repeats`; the variants run round-robin, and
+           "x base" is the median over rounds of (variant time / base time of the same
+           round), so that drift of the machine's speed cancels out. torch.set_num_threads(--threads) for
+           all. The CPU time other processes used meanwhile is measured (/proc/stat); above
+           5% of the machine a WARNING says the times are not clean.
   saved    bytes of the tensors autograd keeps for backward (saved_tensors_hooks, each
            storage counted once, parameters excluded): the activation memory this layer
            adds to a training step. Exact, any device.
@@ -152,7 +155,12 @@ def time_variants(case: Case, variants, args, device) -> dict[str, float]:
             case.step(v)
             sync(device)
             times[v].append(time.perf_counter() - t0)
-    return {v: statistics.median(ts) for v, ts in times.items()}
+    # ratio per round (variant / base timed moments apart), then the median of those:
+    # steadier than a ratio of medians when the machine's speed drifts
+    return {
+        v: (statistics.median(ts), min(ts), statistics.median(t / b for t, b in zip(ts, times["base"])))
+        for v, ts in times.items()
+    }
 
 
 def _status_kib(field: str) -> int:
@@ -234,7 +242,7 @@ def main(argv=None) -> int:
         f"device={device} threads={args.threads} median of {args.repeats} (warmup {args.warmup}) torch {torch.__version__}"
     )
     print(f"saved = activation bytes kept for backward (parameters excluded); peak = {'not measured' if args.no_peak else peak_method}")
-    header = f"{'shape':>5} {'d_in->d_out':>12} {'variant':>8} {'time s':>8} {'x base':>7} {'saved MB':>9} {'peak MB':>8} {'max|diff|':>10}"
+    header = f"{'shape':>5} {'d_in->d_out':>12} {'variant':>8} {'median s':>8} {'x base':>7} {'min s':>7} {'x base':>7} {'saved MB':>9} {'peak MB':>8} {'max|diff|':>10}"
     print(header)
     results = []
     for shape in args.shapes:
@@ -252,8 +260,9 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 diff = float((case.forward(v) - ref).abs().max()) if ref is not None and v != "base" else float("nan")
             row = {
-                "shape": shape, "d_in": d_in, "d_out": d_out, "variant": v, "time_s": times[v],
-                "ratio_vs_base": times[v] / times["base"], "saved_bytes": case.saved_bytes(v),
+                "shape": shape, "d_in": d_in, "d_out": d_out, "variant": v, "time_s": times[v][0],
+                "ratio_vs_base": times[v][2], "min_time_s": times[v][1],
+                "min_ratio_vs_base": times[v][1] / times["base"][1], "saved_bytes": case.saved_bytes(v),
                 "peak_bytes": None if args.no_peak else peak_memory(shape, v, args, device), "max_abs_diff_vs_dense": diff,
                 "other_cpu_share_while_timed": round(other_share, 3),
             }
@@ -261,6 +270,7 @@ def main(argv=None) -> int:
             peak = "-" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:.0f}"
             print(
                 f"{shape:>5} {f'{d_in}->{d_out}':>12} {v:>8} {row['time_s']:8.3f} {row['ratio_vs_base']:7.2f} "
+                f"{row['min_time_s']:7.3f} {row['min_ratio_vs_base']:7.2f} "
                 f"{row['saved_bytes'] / 2**20:9.1f} {peak:>8} {'' if v == 'base' else f'{diff:.1e}':>10}",
                 flush=True,
             )

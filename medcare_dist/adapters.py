@@ -82,20 +82,20 @@ class _ExpertsDown(torch.autograd.Function):
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         grad_a = []
         for idx, a, g in zip(rows.split(ctx.counts), experts, grad_h.split(ctx.counts)):
-            if grad_x is not None:  # a token appears once per expert: no colliding adds
-                grad_x.index_add_(0, idx, g @ a)
-            grad_a.append(g.T @ x.index_select(0, idx))  # [r, 0] @ [0, d_in] = zeros for an idle expert
+            if grad_x is not None:
+                grad_x.index_add_(0, idx, g @ a)  # a token appears at most once per expert
+            grad_a.append(g.T @ x.index_select(0, idx))  # idle expert: [r, 0] @ [0, d_in] = zeros
         return grad_x, torch.cat(grad_a) if ctx.needs_input_grad[1] else None, None, None
 
 
 class _ExpertsUp(torch.autograd.Function):
-    """out = h_ka @ B_ka^T (every token), then out[rows_e] += h_e @ B_e^T for each routed expert.
+    """out = h_ka @ B_ka^T, then out[rows_e] += h_e @ B_e^T for each routed expert e.
 
     h_ka [T, r_ka]; b_ka [d_out, r_ka]; h [T*k, r] grouped by expert as `_ExpertsDown` makes
     it; weight [d_out, E*r]. The [T*k, d_out] per-assignment outputs never exist at once:
     each expert adds its rows into the output and its temporary is freed. The experts add in
-    a fixed order and a token appears at most once per expert, so the result is the same
-    on every run, on GPU too.
+    a fixed order and a token appears at most once per expert, so the result is the same on
+    every run, on GPU too.
     """
 
     @staticmethod
@@ -116,7 +116,7 @@ class _ExpertsUp(torch.autograd.Function):
         for idx, b, hg in zip(rows.split(ctx.counts), experts, h.split(ctx.counts)):
             g = grad_out.index_select(0, idx)
             grad_h.append(g @ b)
-            grad_b.append(g.T @ hg)  # [d_out, 0] @ [0, r] = zeros for an idle expert
+            grad_b.append(g.T @ hg)  # idle expert: [d_out, 0] @ [0, r] = zeros
         return grad_out @ b_ka, grad_out.T @ h_ka, torch.cat(grad_h), torch.cat(grad_b, dim=1), None, None
 
 
@@ -129,17 +129,22 @@ class MoLoRA(nn.Module):
     (NA) holds `num_experts` routed experts, a linear router with bias, softmax, top-k and
     top-k weights renormalised to sum to 1. No [tokens, E, d_out] tensor is ever built.
 
-    Two ways to compute the routed experts, same result (`routed_compute`):
+    Two ways to compute the routed experts, same outputs and gradients (`routed_compute`):
 
-    - "sparse" (default, faster on CPU at every Qwen shape measured, docs/benchmarks.md):
-      the token-expert assignments are sorted by expert, and each expert multiplies only
-      the tokens routed to it (k of E experts per token: k/E of the dense FLOPs); each
-      token's k results are summed back in a fixed order. An expert that gets no token
-      runs on an empty group and its gradient is an exact zero block. Reading the group
-      sizes costs one device-to-host sync per layer on GPU.
-    - "dense": one GEMM projects x into the concatenated A's of all experts
+    - "dense" (default): one GEMM projects x into the concatenated A's of all experts
       ([tokens, r_ka + E*r]), each expert's r columns are multiplied by its gate weight
       (zero when not selected), one GEMM maps back through the concatenated B's.
+    - "sparse": the token-expert assignments are sorted by expert and each expert
+      multiplies only its own tokens (k/E of the dense routed FLOPs, and fewer bytes kept
+      for backward); each token's k results are added back, expert by expert, in a fixed
+      order. An expert that gets no token runs on an empty group: its gradient is a zero
+      block, never None. Reading the group sizes costs one device-to-host sync per call on
+      GPU.
+
+    Measured (docs/benchmarks.md): on a 2-core CPU the two take the same time at the Qwen1.5
+    FFN shapes (the sparse path's rank-16 products are memory-bound, and its per-token adds
+    cost what the saved FLOPs gain); on an H200 the sparse path is 1.4-2.5x slower than the
+    dense one (many small kernels and the host sync). Dense is the default.
 
     The shared expert is always computed densely. Routing is a pure function of the input
     (no noise, no sampling; ties broken by `topk`, expert groups by a stable sort), so
@@ -156,7 +161,7 @@ class MoLoRA(nn.Module):
         top_k: int,
         scale: float,
         dropout: float = 0.0,
-        routed_compute: str = "sparse",
+        routed_compute: str = "dense",
     ):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -196,24 +201,24 @@ class MoLoRA(nn.Module):
         xd = self.dropout(x)
         if self.routed_compute == "dense":
             gates, self.last_routing = self.route(x)
-            h = F.linear(xd, torch.cat([self.ka_A, self.na_A]))
+            h = F.linear(xd, torch.cat([self.ka_A, self.na_A])) * self.scale  # scaled in rank space: cheap
             ka_h, na_h = h.split([self.shared_rank, self.num_experts * self.rank], dim=-1)
             na_h = na_h * gates.to(h.dtype).repeat_interleave(self.rank, dim=-1)
             out = F.linear(torch.cat([ka_h, na_h], dim=-1), torch.cat([self.ka_B, self.na_B], dim=-1))
         else:
             top_w, self.last_routing = self._top_k(x)
             out = self._sparse(xd, top_w, self.last_routing.top_idx)
-        return (out * self.scale).reshape(*shape[:-1], out.shape[-1])
+        return out.reshape(*shape[:-1], out.shape[-1])
 
     def _sparse(self, x: torch.Tensor, top_w: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-        """B_ka A_ka x + sum_{e in topk} w_e B_e A_e x, each routed expert on its own tokens only."""
+        """scale * (B_ka A_ka x + sum_{e in topk} w_e B_e A_e x), each routed expert on its own tokens."""
         expert_of = top_idx.reshape(-1)  # assignment i: token i // k, slot i % k
         grouped = torch.argsort(expert_of, stable=True)  # assignments grouped by expert, fixed order
         counts = torch.bincount(expert_of, minlength=self.num_experts).tolist()
         rows = grouped // self.top_k
         h = _ExpertsDown.apply(x, self.na_A, rows, counts)  # [T*k, r]
-        h = h * top_w.reshape(-1)[grouped].to(h.dtype).unsqueeze(-1)
-        return _ExpertsUp.apply(F.linear(x, self.ka_A), self.ka_B, h, self.na_B, rows, counts)
+        h = h * (top_w.reshape(-1)[grouped] * self.scale).to(h.dtype).unsqueeze(-1)
+        return _ExpertsUp.apply(F.linear(x, self.ka_A) * self.scale, self.ka_B, h, self.na_B, rows, counts)
 
     def knowledge_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the Knowledge Aggregator, the part of this layer stage 2 keeps."""

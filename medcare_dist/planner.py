@@ -42,8 +42,10 @@ working memory
                                           a MoLoRA with dropout also keeps the undropped copy
                                           for its router; a frozen knowledge adapter keeps
                                           only the mask
-                    rank-space:           fp32 A x per LoRA; per sparse MoLoRA the shared and
-                                          routed rank-space tensors, gates and int64 indices
+                    rank-space:           fp32 A x per LoRA; per MoLoRA its rank-space tensors,
+                                          gates and int64 indices (which depend on
+                                          --routed-compute), and for the dense one a copy of
+                                          its concatenated A's and B's per layer
                   plus, at the loss, (base bytes + 4 + 4 + 4) x vocab per token: the logits,
                   their fp32 copy, the kept log-softmax and its gradient.
                   With --grad-ckpt (non-reentrant, per decoder layer): each layer keeps only its
@@ -190,6 +192,7 @@ class AdapterLayout:
     lora_dropout: float = 0.05
     freeze_knowledge: bool = False  # stage 2
     align_attention: bool = False  # stage 2
+    routed_compute: str = "dense"  # stage 1: MoLoRA's routed_compute (what autograd keeps differs)
 
     def counts(self, shape: ModelShape) -> dict[str, int]:
         """Adapter params of the whole model: trainable and frozen."""
@@ -226,9 +229,14 @@ def activation_bytes_per_token_layer(shape: ModelShape, layout: AdapterLayout, d
     molora_in = 4 + (4 + mask if mask else 0)  # + the router's undropped copy when they differ
     r, rs, E, k = layout.lora_r, layout.lora_r * layout.num_shared, layout.num_experts, layout.top_k
     lora_rank = lambda rank: 4 * rank  # noqa: E731  A x, kept for B's gradient
-    # sparse MoLoRA: shared A x; the routed [k*r] before and after gating; probs; top-k
-    # weights (three forms) and renormaliser; top-k ids and the two grouping indices (int64)
-    molora_rank = 4 * (rs + 2 * k * r + E + 3 * k + 1) + 8 * 3 * k
+    if layout.routed_compute == "sparse":
+        # shared A x; the routed [k*r] before and after gating; probs; top-k weights (three
+        # forms) and their sum; top-k ids and the two grouping indices (int64)
+        molora_rank = 4 * (rs + 2 * k * r + E + 3 * k + 1) + 8 * 3 * k
+    else:
+        # [r_ka + E*r] after A and again gated, the repeated gates [E*r]; probs; top-k
+        # weights and their sum; top-k ids (int64)
+        molora_rank = 4 * (2 * (rs + E * r) + E * r + E + k + 1) + 8 * k
     attn_in = [d_in for d_in, _ in shape.attn_linears().values()]
     ffn_in = [d_in for d_in, _ in shape.ffn_linears().values()]
     if layout.stage == 1:
@@ -243,8 +251,17 @@ def activation_bytes_per_token_layer(shape: ModelShape, layout: AdapterLayout, d
     return total
 
 
+def activation_bytes_per_layer_fixed(shape: ModelShape, layout: AdapterLayout) -> int:
+    """Bytes per decoder layer and micro-batch whatever the token count: the dense MoLoRA
+    keeps its concatenated fp32 A's and B's ([r_ka + E*r] x (d_in + d_out)) for backward."""
+    if layout.stage != 1 or layout.routed_compute != "dense":
+        return 0
+    width = layout.lora_r * layout.num_shared + layout.num_experts * layout.lora_r
+    return sum(4 * width * (d_in + d_out) for d_in, d_out in shape.ffn_linears().values())
+
+
 def activation_bytes(shape: ModelShape, layout: AdapterLayout, dtype_bytes: int, tokens: int, grad_ckpt: bool) -> dict[str, int]:
-    per_layer = activation_bytes_per_token_layer(shape, layout, dtype_bytes) * tokens
+    per_layer = activation_bytes_per_token_layer(shape, layout, dtype_bytes) * tokens + activation_bytes_per_layer_fixed(shape, layout)
     layers = shape.layers * dtype_bytes * shape.hidden * tokens + per_layer if grad_ckpt else shape.layers * per_layer
     logits = (dtype_bytes + 4 + 4 + 4 if dtype_bytes != 4 else 12) * shape.vocab * tokens
     return {"layers": layers, "logits": logits, "total": layers + logits}
@@ -401,6 +418,7 @@ def plan_command(args) -> None:
     layout = AdapterLayout(
         stage=args.stage, lora_r=args.lora_r, num_experts=args.num_experts, top_k=args.top_k, num_shared=args.num_shared,
         lora_dropout=args.lora_dropout, freeze_knowledge=args.freeze_knowledge, align_attention=args.align_attention,
+        routed_compute=args.routed_compute,
     )
     result = plan(
         args.model, args.stage, args.nodes, args.gpus_per_node, args.gpu_memory, args.micro_batch, args.seq_len,
@@ -429,6 +447,7 @@ def add_plan_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=d.top_k)
     p.add_argument("--num-shared", type=int, default=d.num_shared)
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--routed-compute", choices=["dense", "sparse"], default=d.routed_compute, help="stage 1: how MoLoRA computes the routed experts")
     p.add_argument("--freeze-knowledge", action="store_true", help="stage 2: knowledge adapter frozen")
     p.add_argument("--align-attention", action="store_true", help="stage 2: alignment adapters on attention too")
     p.add_argument("--reserve", type=float, default=2.0, help="GiB kept for CUDA context, NCCL and fragmentation")

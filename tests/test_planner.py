@@ -16,6 +16,7 @@ from medcare_dist.planner import (
     ZERO3_OFFLOAD,
     AdapterLayout,
     ModelShape,
+    activation_bytes_per_layer_fixed,
     activation_bytes_per_token_layer,
     add_plan_parser,
     base_counts,
@@ -92,7 +93,7 @@ def test_adapter_counts_equal_the_adapters_the_recipes_build(tmp_path):
         assert sum(p.numel() for p in s2.parameters()) == want["total"]
 
 
-def _saved_bytes(layers: int, dropout: float) -> int:
+def _saved_bytes(layers: int, dropout: float, routed_compute: str) -> int:
     """Bytes of the tensors autograd keeps in one training forward of a small bf16 Qwen2 with
     the real stage-1 adapters attached (parameters and buffers excluded)."""
     from dataclasses import replace
@@ -102,6 +103,8 @@ def _saved_bytes(layers: int, dropout: float) -> int:
 
     model = small_qwen2(replace(SMALL, layers=layers), torch.bfloat16)
     adapters = stage1_adapters(model, TrainConfig(lora_dropout=dropout))
+    for _, _, adapter in adapters.items("molora"):
+        adapter.routed_compute = routed_compute
     adapters.attach(model)
     model.train()
     adapters.train()
@@ -121,14 +124,17 @@ def _saved_bytes(layers: int, dropout: float) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("routed_compute", ["dense", "sparse"])
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_activation_estimate_per_layer_matches_what_autograd_saves(dropout):
+def test_activation_estimate_per_layer_matches_what_autograd_saves(dropout, routed_compute):
     """One decoder layer's share = saved bytes with 3 layers - with 2 layers (the embedding,
     final norm and logits cancel out). CPU's dropout keeps a float noise tensor where the GPU
     keeps a bool mask, hence dropout_mask_bytes=4 here."""
-    measured = _saved_bytes(3, dropout) - _saved_bytes(2, dropout)
+    measured = _saved_bytes(3, dropout, routed_compute) - _saved_bytes(2, dropout, routed_compute)
     tokens = 2 * 64
-    estimate = activation_bytes_per_token_layer(SMALL, AdapterLayout(stage=1, lora_dropout=dropout), 2, dropout_mask_bytes=4) * tokens
+    layout = AdapterLayout(stage=1, lora_dropout=dropout, routed_compute=routed_compute)
+    estimate = activation_bytes_per_token_layer(SMALL, layout, 2, dropout_mask_bytes=4) * tokens
+    estimate += activation_bytes_per_layer_fixed(SMALL, layout)
     assert estimate == pytest.approx(measured, rel=0.02)
 
 
