@@ -339,8 +339,8 @@ def run(args, work: Path) -> None:
         shutil.rmtree(out)
         rows.append((f"export --max-shard-size {size}", size, result))
 
-    print(f"\nchild peaks (MB = 1e6 B): RSS = VmHWM; anon, file = sampled peaks of RssAnon, RssFile;"
-          f" +floor = above the floor child's")
+    print("\nchild peaks (MB = 1e6 B): RSS = VmHWM; anon, file = sampled peaks of RssAnon, RssFile;"
+          " +floor = above the floor child's")
     print(f"{'child':30} {'time s':>6} {'RSS':>6} {'+floor':>6} {'/model':>6} {'/shard':>6} "
           f"{'anon':>6} {'+floor':>6} {'file':>6} {'+floor':>6}  output")
     for label, size, r in rows:

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from medcare_dist.adapter_set import AdapterSet
 from medcare_dist.adapters import LoRA, MoLoRA, load_balancing_loss
