@@ -17,12 +17,8 @@ master reachable from non-zero ranks (`MEDCARE_CONNECT_TIMEOUT` seconds, default
 host that does not answer; "connection refused" is waited for up to the collective timeout,
 since rank 0 may simply not be up yet), and on CUDA a LOCAL_RANK below the GPU count.
 
-After joining, every rank keeps one TCP connection to a small liveness server on rank 0
-(`_Liveness`). A rank that dies (killed, crashed, node down) or fails with an exception is
-noticed at once by rank 0, which tells every other rank; each survivor prints which rank
-failed and exits (status 3) if it has not already failed on its own within a grace period.
-This is what names the failed rank and stops the job when no launcher kills the survivors
-(one `deepspeed --no_ssh` runner per node, pdsh), and what keeps a NCCL job from hanging
+After joining, a liveness channel (`medcare_dist/liveness.py`) tells every rank which rank
+died or failed, so that the job ends at once with a message naming it, instead of hanging
 until the collective timeout. `MEDCARE_LIVENESS=0` turns it off.
 """
 
@@ -30,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import selectors
 import socket
 import subprocess
 import sys
@@ -42,8 +37,8 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .liveness import Liveness, one_line
 
-EXIT_PEER_FAILED = 3  # status of a rank that stops because another rank failed
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
 
 
@@ -289,7 +284,7 @@ def _preflight(timeout_s: float) -> None:
 # Joining and leaving
 # ---------------------------------------------------------------------------------------
 
-_liveness: "_Liveness | None" = None
+_liveness: "Liveness | None" = None
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> World:
@@ -322,7 +317,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
         raise DistributedSetupError(
             f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} on host {socket.gethostname()}: the ranks did not all "
             f"join at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within the timeout ({timeout_s:.0f} s): "
-            f"{_one_line(str(err))}. A rank that failed before joining says why in its own log; otherwise check that "
+            f"{one_line(str(err))}. A rank that failed before joining says why in its own log; otherwise check that "
             "every node was started with the same hostfile/world size, MASTER_ADDR and MASTER_PORT"
         ) from None
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -338,7 +333,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
         device = torch.device("cpu")
     world = World(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
     if world_size > 1 and os.environ.get("MEDCARE_LIVENESS", "1") != "0":
-        _liveness = _Liveness.start(world, grace_s=min(30.0, timeout_s))
+        _liveness = Liveness.start(world, grace_s=min(30.0, timeout_s))
     return world
 
 
@@ -366,229 +361,6 @@ def _destroy_quietly() -> None:
         dist.destroy_process_group()
     except Exception:
         pass
-
-
-# ---------------------------------------------------------------------------------------
-# Liveness: who died, told to everyone
-# ---------------------------------------------------------------------------------------
-
-def _keepalive(sock: socket.socket) -> None:
-    """Notice a peer whose host vanished (no FIN ever comes) within about a minute."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for opt, val in (("TCP_KEEPIDLE", 20), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 6)):
-            if hasattr(socket, opt):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
-    except OSError:
-        pass
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())[:500]
-
-
-class _Liveness:
-    """One TCP connection per rank to a server thread on rank 0.
-
-    Clients send `hello RANK`, then `bye` (clean exit) or `fail TEXT` (exception) when they
-    leave. A connection that closes without either belongs to a rank that died. Rank 0 tells
-    every other rank about the first failure with `lost RANK TEXT`; when rank 0 itself dies,
-    its clients see their connection close. Every survivor then prints the failed rank and,
-    after `grace_s`, exits with EXIT_PEER_FAILED if its main thread has not failed on its own
-    (a gloo collective fails at once; a NCCL one would wait for the full timeout).
-    """
-
-    def __init__(self, world: World, peers: list[tuple[str, int]], grace_s: float):
-        self.world, self.peers, self.grace_s = world, peers, grace_s
-        self.leaving_cleanly = False  # set by close(None): from then on a closed connection is expected
-        self.failure: tuple[int, str] | None = None  # the first failed rank, and how
-        self.failed = threading.Event()
-        self.reported = False  # rank 0: the first failure was sent to the other ranks
-        self.lock = threading.Lock()
-        self.server: socket.socket | None = None
-        self.sock: socket.socket | None = None
-        self.clients: dict[socket.socket, int | None] = {}
-        self.left: set[int] = set()  # ranks that said bye or fail
-        self.all_left = threading.Event()
-
-    @classmethod
-    def start(cls, world: World, grace_s: float) -> "_Liveness":
-        server = None
-        port = 0
-        if world.rank == 0:
-            if socket.has_dualstack_ipv6():
-                server = socket.create_server(("", 0), family=socket.AF_INET6, dualstack_ipv6=True)
-            else:
-                server = socket.create_server(("", 0))
-            port = server.getsockname()[1]
-        table = gather_objects((socket.gethostname(), os.getpid(), port))
-        self = cls(world, [(h, p) for h, p, _ in table], grace_s)
-        if world.rank == 0:
-            self.server = server
-            hosts = sorted({h for h, _ in self.peers})
-            ranks = ", ".join(f"{r}:{h}/{p}" for r, (h, p) in enumerate(self.peers[:16]))
-            more = f", ... ({world.world_size} ranks)" if world.world_size > 16 else ""
-            print(f"[medcare_dist] world of {world.world_size} rank(s) on {len(hosts)} host(s); rank:host/pid {ranks}{more}", flush=True)
-            threading.Thread(target=self._serve, name="medcare-liveness-server", daemon=True).start()
-        else:
-            sock = socket.create_connection((os.environ["MASTER_ADDR"], table[0][2]), timeout=60)
-            sock.settimeout(None)
-            _keepalive(sock)
-            sock.sendall(f"hello {world.rank}\n".encode())
-            self.sock = sock
-            threading.Thread(target=self._listen, name="medcare-liveness-client", daemon=True).start()
-        return self
-
-    def describe(self, rank: int) -> str:
-        host, pid = self.peers[rank] if 0 <= rank < len(self.peers) else ("?", "?")
-        return f"rank {rank} (host {host}, pid {pid})"
-
-    # -- rank 0 ----------------------------------------------------------------------------
-    def _serve(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self.server, selectors.EVENT_READ)
-        buffers: dict[socket.socket, bytes] = {}
-        while True:
-            for key, _ in sel.select(timeout=1.0):
-                sock = key.fileobj
-                if sock is self.server:
-                    try:
-                        conn, _ = self.server.accept()
-                    except OSError:
-                        continue
-                    _keepalive(conn)
-                    with self.lock:
-                        self.clients[conn] = None
-                    buffers[conn] = b""
-                    sel.register(conn, selectors.EVENT_READ)
-                    continue
-                try:
-                    data = sock.recv(4096)
-                    error = None
-                except OSError as err:
-                    data, error = b"", err
-                if data:
-                    buffers[sock] += data
-                    while b"\n" in buffers[sock]:
-                        line, buffers[sock] = buffers[sock].split(b"\n", 1)
-                        self._on_client_line(sock, line.decode(errors="replace"))
-                    continue
-                sel.unregister(sock)
-                with self.lock:
-                    rank = self.clients.pop(sock, None)
-                sock.close()
-                if rank is not None and rank not in self.left:
-                    why = f"lost its connection to rank 0 ({error.strerror or error}): its host may be down or unreachable" if error else (
-                        "exited without shutting down (killed, crashed, or out of memory)")
-                    self._record_failure(rank, why)
-                self._check_all_left()
-
-    def _on_client_line(self, sock: socket.socket, line: str) -> None:
-        word, _, rest = line.partition(" ")
-        if word == "hello":
-            with self.lock:
-                self.clients[sock] = int(rest)
-        elif word == "bye":
-            self.left.add(self.clients.get(sock))
-            self._check_all_left()
-        elif word == "fail":
-            rank = self.clients.get(sock)
-            self.left.add(rank)
-            self._record_failure(rank, f"failed: {rest}")
-            self._check_all_left()
-
-    def _check_all_left(self) -> None:
-        if len(self.left) >= self.world.world_size - 1:
-            self.all_left.set()
-
-    def _record_failure(self, rank: int, why: str) -> None:
-        with self.lock:
-            if self.reported:
-                return
-            self.reported = True
-            targets = [s for s, r in self.clients.items() if r is not None and r != rank]
-        for s in targets:
-            try:
-                s.sendall(f"lost {rank} {_one_line(why)}\n".encode())
-            except OSError:
-                pass
-        self._on_peer_failure(rank, why)
-
-    # -- other ranks -----------------------------------------------------------------------
-    def _listen(self) -> None:
-        buffer = b""
-        error = None
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except OSError as err:
-                data, error = b"", err
-            if not data:
-                break
-            buffer += data
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                word, _, rest = line.decode(errors="replace").partition(" ")
-                if word == "lost":
-                    rank, _, why = rest.partition(" ")
-                    self._on_peer_failure(int(rank), why)
-                elif word == "fail":
-                    self._on_peer_failure(0, f"failed: {rest}")
-        if self.leaving_cleanly or self.failure is not None:
-            return
-        why = f"lost the connection to it ({error.strerror or error}): its host may be down or unreachable" if error else (
-            "exited without shutting down (killed, crashed, or out of memory)")
-        self._on_peer_failure(0, why)
-
-    # -- every rank ------------------------------------------------------------------------
-    def _on_peer_failure(self, rank: int, why: str) -> None:
-        with self.lock:
-            if self.leaving_cleanly or self.failure is not None:
-                return
-            self.failure = (rank, why)
-        me = self.world.rank
-        print(
-            f"[medcare_dist] rank {me}: {self.describe(rank)} {why}. The job cannot continue without it: "
-            f"rank {me} stops (in at most {self.grace_s:.0f} s).",
-            file=sys.stderr, flush=True,
-        )
-        timer = threading.Timer(self.grace_s, self._exit_now, args=(rank,))
-        timer.daemon = True
-        timer.start()
-        self.failed.set()
-
-    def _exit_now(self, rank: int) -> None:
-        print(f"[medcare_dist] rank {self.world.rank}: exiting with status {EXIT_PEER_FAILED} because rank {rank} failed", file=sys.stderr, flush=True)
-        os._exit(EXIT_PEER_FAILED)
-
-    def close(self, error: BaseException | None) -> None:
-        """Say goodbye, or why this rank fails. On failure, first give the liveness threads a
-        moment: when a peer died, this rank's collective error is a consequence, and the
-        message should name the peer (its connection closes within milliseconds)."""
-        if error is not None:
-            self.failed.wait(timeout=2.0)
-        else:
-            with self.lock:
-                self.leaving_cleanly = True
-        reason = f"fail {_one_line(f'{type(error).__name__}: {error}')}\n" if error is not None else ""
-        if self.world.rank == 0:
-            if error is None:
-                self.all_left.wait(timeout=min(120.0, max(10.0, self.grace_s)))
-            elif self.failure is None:
-                with self.lock:
-                    targets = [s for s, r in self.clients.items() if r is not None]
-                for s in targets:
-                    try:
-                        s.sendall(reason.encode())
-                    except OSError:
-                        pass
-            return  # the server thread is a daemon; its sockets close with the process
-        msg = reason or "bye\n"
-        try:
-            self.sock.sendall(msg.encode())
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------------------------------
