@@ -168,6 +168,15 @@ def launch_world_size() -> int | None:
     return None
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it, read before any process group exists
+    (0 for a plain single process)."""
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def world_size_origin() -> str:
     """Where the world size comes from, in words, for error messages."""
     launcher = os.environ.get("MEDCARE_LAUNCHED_BY")

@@ -7,7 +7,6 @@ input fails before any process group or model load where possible.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
@@ -52,7 +51,7 @@ def build_trainer(
     from .model import base_checksum, build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
 
     dist_utils.check_launch(cfg)  # batch size vs the ranks the launcher started, before any rendezvous
-    is_main = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))) == 0
+    is_main = dist_utils.launch_rank() == 0
     log = print if is_main else (lambda *_: None)
     if not is_main:
         import datasets
