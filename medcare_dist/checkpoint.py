@@ -10,7 +10,8 @@
         manifest.json          stage, base model path + fingerprint, adapter layout, versions
       latest                   name of the newest complete checkpoint
 
-The frozen base is never written: the manifest names it by path and fingerprint. Every rank
+The frozen base is never written: the manifest names it by path and fingerprint (the
+formats, fingerprints and digests: artefacts.py). Every rank
 holds the full adapters and identical optimizer state, so rank 0 writes and any number of
 ranks can read. A checkpoint is written under a temporary name and renamed when complete,
 and `latest` is replaced atomically after that, so a crash mid-save leaves the previous
@@ -19,7 +20,6 @@ checkpoint intact and chosen.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,13 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-ADAPTERS_FILE = "adapters.safetensors"
-MANIFEST_FILE = "manifest.json"
+from .artefacts import ADAPTERS_FILE, MANIFEST_FILE, read_manifest
+from .errors import CheckpointError
+
 LATEST_FILE = "latest"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 @dataclass
@@ -45,27 +42,6 @@ class TrainState:
     epoch: int = 0  # epoch of the next global batch
     batch_in_epoch: int = 0  # index of the next global batch within its epoch
     world_size: int = 1  # at save time, for information: resuming on another size is supported
-
-
-def base_fingerprint(model_dir: str | Path) -> str:
-    """Cheap identity of an HF model dir: its config plus the names and sizes of its weight
-    files (hashing a 28 GB checkpoint on every save would cost minutes)."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        return f"hub:{model_dir}"
-    h = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
-    for f in sorted(root.glob("model*.safetensors")) + sorted(root.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
-def versions() -> dict[str, str]:
-    import deepspeed
-    import transformers
-
-    from . import __version__
-
-    return {"medcare_dist": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -140,13 +116,6 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
             return named
     complete = list_checkpoints(output_dir)
     return complete[-1] if complete else None
-
-
-def read_manifest(path: Path) -> dict:
-    f = Path(path) / MANIFEST_FILE
-    if not f.exists():
-        raise CheckpointError(f"{path}: no {MANIFEST_FILE}; not a medcare_dist artefact")
-    return json.loads(f.read_text())
 
 
 def load_checkpoint(path: Path) -> dict:

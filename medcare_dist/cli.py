@@ -24,13 +24,13 @@ def _preprocess(args) -> None:
 
 
 def _prepare_stage2(args) -> None:
-    from .stage2 import prepare_stage2
+    from .convert import prepare_stage2
 
     prepare_stage2(args.stage1, args.out, max_shard_size=args.max_shard_size)
 
 
 def _export(args) -> None:
-    from .export import export_adapter, export_merged
+    from .convert import export_adapter, export_merged
 
     if args.adapter_only:
         export_adapter(args.checkpoint, args.out)
@@ -55,8 +55,6 @@ def _plot(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
-    # `deepspeed --module medcare_dist eval ...` passes --local_rank=N before the subcommand
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="write the built-in tiny Qwen2 model and tokenizer (HF format)")
@@ -111,12 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
+    from .errors import MedcareError
 
-    args = build_parser().parse_args(argv)
+    from .launchers import without_local_rank
+
+    # `deepspeed --module medcare_dist eval ...` passes --local_rank=N before the subcommand
+    args = build_parser().parse_args(without_local_rank(sys.argv[1:] if argv is None else argv))
     try:
         args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:  # CheckpointError, DataError are ValueErrors
+    except MedcareError as err:
         print(f"medcare-dist {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+from .errors import ConfigError
 
 
 @dataclass

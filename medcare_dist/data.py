@@ -28,6 +28,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import datasets
 import torch
 
+from .artefacts import require_empty_dir
+from .errors import InputNotFoundError, MedcareError
+
 IGNORE_INDEX = -100
 MANIFEST_NAME = "medcare_data.json"
 MANIFEST_FORMAT = "medcare_dist.data/1"
@@ -52,7 +55,7 @@ FEATURES = datasets.Features(
 )
 
 
-class DataError(ValueError):
+class DataError(MedcareError):
     """A data file or one of its records is unusable; the message says where and why."""
 
     def __init__(self, reason: str, path: str | Path | None = None, index: int | None = None,
@@ -68,7 +71,7 @@ class DataError(ValueError):
         return DataError(self.reason, path, index, line)
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(MedcareError):
     """The tokenizer's chat template cannot locate assistant turns by rendering prefixes."""
 
 
@@ -175,7 +178,7 @@ def read_records(path: str | Path, on_bad_record: str = "error") -> tuple[list[l
 def _raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
     """Yield (record index, JSONL line number or None, parsed record or DataError)."""
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise InputNotFoundError(f"data file not found: {path}")
     if path.is_dir():
         raise DataError(f"{path} is a directory, not a data file")
     if path.suffix == ".jsonl":
@@ -341,8 +344,7 @@ def preprocess(paths: str | Path | Sequence[str | Path], tokenizer, max_length: 
                log: Callable[[str], None] = print) -> DataStats:
     """Tokenise the files once into `out_dir` (the dataset plus a medcare_data.json manifest)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} exists and is not empty")
+    require_empty_dir(out)
     dataset, stats = build_dataset(paths, tokenizer, max_length, on_bad_record, num_proc)
     dataset.save_to_disk(str(out / DATASET_SUBDIR))
     manifest = {

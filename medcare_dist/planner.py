@@ -67,6 +67,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError, InputNotFoundError
+
 GiB = 2**30
 REPO = Path(__file__).resolve().parent.parent
 ZERO3 = "ds_configs/zero3.json"
@@ -144,7 +146,7 @@ def load_shape(name_or_path: str) -> ModelShape:
         )
     key = _builtin_key(name_or_path)
     if key is None:
-        raise FileNotFoundError(f"{name_or_path!r} is neither a config.json / model dir nor a built-in model ({', '.join(s.name for s in BUILTIN.values())})")
+        raise InputNotFoundError(f"{name_or_path!r} is neither a config.json / model dir nor a built-in model ({', '.join(s.name for s in BUILTIN.values())})")
     return BUILTIN[key]
 
 
@@ -371,9 +373,9 @@ def plan(
     layout = layout or AdapterLayout(stage=stage)
     layout.stage = stage
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if min(nodes, gpus_per_node, micro_batch, seq_len) < 1:
-        raise ValueError("nodes, gpus-per-node, micro-batch and seq-len must be >= 1")
+        raise ConfigError("nodes, gpus-per-node, micro-batch and seq-len must be >= 1")
     p = DTYPE_BYTES[dtype]
     world = nodes * gpus_per_node
     z = _zero3_settings(ds_config)

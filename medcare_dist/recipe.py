@@ -13,8 +13,10 @@ from typing import Callable
 import torch
 
 from .adapter_set import AdapterSet
-from .checkpoint import base_fingerprint, versions
-from .config import ConfigError, TrainConfig, load_config, parse_overrides
+from .artefacts import base_fingerprint, versions
+from .config import TrainConfig, load_config, parse_overrides
+from .errors import MedcareError
+from .launchers import launch_rank, without_local_rank
 from .model import enable_activation_checkpointing
 from .reporting import check_report_to
 from .trainer import Objective, Trainer
@@ -23,7 +25,7 @@ from .trainer import Objective, Trainer
 def config_from_argv(argv: list[str], stage: int) -> TrainConfig:
     """`--config FILE` plus `--key value` overrides. The `--local_rank` argument that the
     deepspeed runner appends is ignored: LOCAL_RANK in the environment says the same."""
-    args = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    args = without_local_rank(argv)
     config_path = None
     if "--config" in args:
         i = args.index("--config")
@@ -51,7 +53,7 @@ def build_trainer(
     from .model import base_checksum, build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
 
     dist_utils.check_launch(cfg)  # batch size vs the ranks the launcher started, before any rendezvous
-    is_main = dist_utils.launch_rank() == 0
+    is_main = launch_rank() == 0
     log = print if is_main else (lambda *_: None)
     if not is_main:
         import datasets
@@ -94,13 +96,11 @@ def build_trainer(
 def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None) -> int:
     """Entry point of a launcher: bad input ends the process with a one-line error, status 2."""
     from . import distributed as dist_utils
-    from .checkpoint import CheckpointError
-    from .data import ChatTemplateError, DataError
 
     try:
         cfg = config_from_argv(sys.argv[1:], stage)
         build_trainer(cfg, build_adapters, build_objective, check_inputs).fit()
-    except (ConfigError, CheckpointError, DataError, ChatTemplateError, FileNotFoundError) as err:
+    except MedcareError as err:
         print(f"stage {stage}: error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -27,10 +27,11 @@ import torch
 
 from . import distributed as dist_utils
 from .adapter_set import AdapterSet
+from .artefacts import adapter_digest
 from .checkpoint import CheckpointError, TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import collate, micro_batches_for_rank, plan_global_batches
-from .distributed import World
+from .launchers import World
 from .losses import causal_lm_loss_sum
 from .model import base_checksum, trainable_parameters
 from .reporting import MetricsReporter
@@ -62,14 +63,6 @@ class StepResult:
 def micro_batch_seed(seed: int, step: int, piece: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{step}:{piece}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def total_steps(cfg: TrainConfig, num_records: int) -> int:

@@ -10,9 +10,9 @@ import torch
 
 from medcare_dist import reporting
 from medcare_dist.adapter_set import AdapterSet
-from medcare_dist.adapters import MoLoRA
 from medcare_dist.config import ConfigError
-from medcare_dist.reporting import COLLAPSE_MIN_SHARE, COLLAPSE_WINDOW, CollapseDetector, MetricsReporter
+from medcare_dist.reporting import COLLAPSE_MIN_SHARE, COLLAPSE_WINDOW, MetricsReporter
+from medcare_dist.stage1 import CollapseDetector, MoLoRA
 
 TARGETS = [f"model.layers.{layer}.mlp.{proj}" for layer in range(2) for proj in ("gate_proj", "up_proj", "down_proj")]
 
@@ -70,7 +70,7 @@ def test_collapse_fires_after_the_window_and_not_on_balanced_loads():
 
 
 def _router_objective(num_experts=4, top_k=2):
-    from medcare_dist.routing import RouterObjective
+    from medcare_dist.stage1 import RouterObjective
 
     adapters = AdapterSet()
     for t in TARGETS[:2]:
