@@ -53,6 +53,61 @@ def _plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+# The training options `plan` reads (from --config FILE and the command line, by their training names).
+PLAN_OPTIONS = ("stage", "micro_batch_size", "max_length", "grad_checkpointing", "dtype", "lora_r", "num_experts", "top_k",
+                "num_shared", "lora_dropout", "routed_compute", "freeze_knowledge", "align_attention", "ds_config")
+
+
+def _plan(args) -> None:
+    import json
+
+    from .config import TrainConfig, load_config
+    from .planner import AdapterLayout, plan
+
+    given = {k: getattr(args, k) for k in PLAN_OPTIONS if getattr(args, k) is not None}
+    if args.model:
+        given["model"] = args.model
+    cfg = load_config(args.config, given, data=["(not read by plan)"])
+    # A ds_config other than the default is planned as given; else plan picks zero3 or zero3_offload.
+    ds_config = cfg.ds_config if "ds_config" in given or cfg.ds_config != TrainConfig.ds_config else None
+    layout = AdapterLayout(
+        stage=cfg.stage, lora_r=cfg.lora_r, num_experts=cfg.num_experts, top_k=cfg.top_k, num_shared=cfg.num_shared,
+        lora_dropout=cfg.lora_dropout, freeze_knowledge=cfg.freeze_knowledge, align_attention=cfg.align_attention,
+        routed_compute=cfg.routed_compute,
+    )
+    dtype = "bf16" if cfg.dtype == "auto" else cfg.dtype  # auto is bf16 on the GPUs planned for
+    result = plan(cfg.model, cfg.stage, args.nodes, args.gpus_per_node, args.gpu_memory, cfg.micro_batch_size, cfg.max_length,
+                  cfg.grad_checkpointing, dtype, layout, args.reserve, ds_config)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.render())
+
+
+def add_plan_parser(subparsers) -> None:
+    """Register `plan` on the `medcare-dist` subcommand parser."""
+    from .config import TrainConfig
+
+    defaults = TrainConfig()
+    p = subparsers.add_parser(
+        "plan", help="GPU memory per rank for a stage-1/2 run, and the ds_config to use",
+        description="The training options are the training run's own (--micro_batch_size, --max_length, "
+                    "--grad_checkpointing, ...; also spelled with dashes), from --config FILE and the command line.")
+    p.add_argument("--model", default=None, help="config.json, a model dir, or a built-in name: Qwen1.5-1.8B, Qwen1.5-7B, "
+                   "Qwen1.5-14B (default: the config's model)")
+    p.add_argument("--config", default=None, help="a training YAML (e.g. launch/configs/stage1_qwen7b.yaml): plan what it runs")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
+    p.add_argument("--reserve", type=float, default=2.0, help="GiB kept for CUDA context, NCCL and fragmentation")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    for name in PLAN_OPTIONS:
+        default = getattr(defaults, name)
+        flag = isinstance(default, bool)
+        spellings = sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=len)
+        p.add_argument(*spellings, dest=name, default=None, nargs="?" if flag else None, const="true" if flag else None,
+                       help=f"training option (default {default})" + ("; a ds_config other than the default is planned as given, "
+                       "else zero3.json or, if that does not fit, zero3_offload.json" if name == "ds_config" else ""))
+    p.set_defaults(run=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,8 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", help="a run's output_dir/metrics.jsonl")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(run=_plot)
-    from .planner import add_plan_parser
-
     add_plan_parser(sub)
     return parser
 

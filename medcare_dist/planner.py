@@ -1,4 +1,5 @@
 """`medcare-dist plan`: GPU memory per rank for a MedCare run, before renting the cluster.
+(The command line, which takes the training options by their training names: cli.py.)
 
 Everything is arithmetic on the model's shapes (a built-in Qwen1.5 size or any Qwen2-style
 config.json), so it runs offline and in a second. What it counts, per GPU:
@@ -16,7 +17,7 @@ model states
                              (d_in*E weights + E biases)
                     stage 2: a knowledge and an alignment LoRA, both rank r*num_shared, on
                              gate, up, down (alignment also on q, k, v, o with
-                             --align-attention)
+                             --align_attention)
                   A LoRA of rank r on a [d_out, d_in] Linear has r*(d_in + d_out) params.
   adapter grads   fp32, trainable adapter params only (4 bytes each)
   AdamW states    fp32 exp_avg and exp_avg_sq (8 bytes per trainable param); a torch
@@ -44,11 +45,11 @@ working memory
                                           only the mask
                     rank-space:           fp32 A x per LoRA; per MoLoRA its rank-space tensors,
                                           gates and int64 indices (which depend on
-                                          --routed-compute), and for the dense one a copy of
+                                          --routed_compute), and for the dense one a copy of
                                           its concatenated A's and B's per layer
                   plus, at the loss, (base bytes + 4 + 4 + 4) x vocab per token: the logits,
                   their fp32 copy, the kept log-softmax and its gradient.
-                  With --grad-ckpt (non-reentrant, per decoder layer): each layer keeps only its
+                  With --grad_checkpointing (non-reentrant, per decoder layer): each layer keeps only its
                   input (base bytes x h per token), and one layer's full set is live again
                   while it is recomputed in backward.
                   tests/test_planner.py checks the per-layer figure against the bytes that
@@ -365,8 +366,8 @@ def plan(
             return second
         first.notes.insert(0, f"does not fit, not even with the base params offloaded ({ZERO3_OFFLOAD}: {second.peak_bytes / GiB:.2f} GiB)")
         if not grad_ckpt:
-            first.notes.append("try --grad-ckpt")
-        first.notes.append("or a smaller --micro-batch / --seq-len, or more GPUs")
+            first.notes.append("try --grad_checkpointing")
+        first.notes.append("or a smaller --micro_batch_size / --max_length, or more GPUs")
         return first
 
     shape = load_shape(model)
@@ -412,47 +413,3 @@ def plan(
         params=counts, adapter_params=adapters, gpu_bytes=gpu,
         cpu_bytes_per_node=shard * gpus_per_node if z["offload_param"] else 0, notes=notes,
     )
-
-
-# --- command line ----------------------------------------------------------------------
-
-def plan_command(args) -> None:
-    layout = AdapterLayout(
-        stage=args.stage, lora_r=args.lora_r, num_experts=args.num_experts, top_k=args.top_k, num_shared=args.num_shared,
-        lora_dropout=args.lora_dropout, freeze_knowledge=args.freeze_knowledge, align_attention=args.align_attention,
-        routed_compute=args.routed_compute,
-    )
-    result = plan(
-        args.model, args.stage, args.nodes, args.gpus_per_node, args.gpu_memory, args.micro_batch, args.seq_len,
-        args.grad_ckpt, args.dtype, layout, args.reserve, args.ds_config,
-    )
-    print(json.dumps(result.to_dict(), indent=1) if args.json else result.render())
-
-
-def add_plan_parser(subparsers) -> None:
-    """Register `plan` on the `medcare-dist` subcommand parser."""
-    from .config import TrainConfig
-
-    d = TrainConfig()
-    p = subparsers.add_parser("plan", help="GPU memory per rank for a stage-1/2 run, and the ds_config to use")
-    p.add_argument("--model", required=True, help="config.json, a model dir, or a built-in name: Qwen1.5-1.8B, Qwen1.5-7B, Qwen1.5-14B")
-    p.add_argument("--stage", type=int, choices=[1, 2], default=1)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch_size)
-    p.add_argument("--seq-len", type=int, default=d.max_length)
-    p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--num-experts", type=int, default=d.num_experts)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--num-shared", type=int, default=d.num_shared)
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--routed-compute", choices=["dense", "sparse"], default=d.routed_compute, help="stage 1: how MoLoRA computes the routed experts")
-    p.add_argument("--freeze-knowledge", action="store_true", help="stage 2: knowledge adapter frozen")
-    p.add_argument("--align-attention", action="store_true", help="stage 2: alignment adapters on attention too")
-    p.add_argument("--reserve", type=float, default=2.0, help="GiB kept for CUDA context, NCCL and fragmentation")
-    p.add_argument("--ds-config", default=None, help=f"evaluate this ZeRO-3 config only (default: {ZERO3}, else {ZERO3_OFFLOAD})")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(run=plan_command)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from medcare_dist.cli import add_plan_parser
 from medcare_dist.planner import (
     BUILTIN,
     GiB,
@@ -18,7 +19,6 @@ from medcare_dist.planner import (
     ModelShape,
     activation_bytes_per_layer_fixed,
     activation_bytes_per_token_layer,
-    add_plan_parser,
     base_counts,
     load_shape,
     plan,
@@ -243,12 +243,12 @@ def test_config_json_alone_and_builtin_names(tmp_path):
 def test_cli_parser_prints_the_breakdown_and_json(capsys):
     parser = argparse.ArgumentParser()
     add_plan_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["plan", "--model", "Qwen1.5-1.8B", "--stage", "1", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "24", "--grad-ckpt"])
+    args = parser.parse_args(["plan", "--model", "Qwen1.5-1.8B", "--stage", "1", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "24", "--grad_checkpointing"])
     args.run(args)
     out = capsys.readouterr().out
     for word in ["base shard", "adapters", "AdamW", "activations", "gathered", "peak per GPU", "fits", ZERO3]:
         assert word in out
-    args = parser.parse_args(["plan", "--model", "14B", "--gpu-memory", "16", "--gpus-per-node", "2", "--seq-len", "3072", "--micro-batch", "1", "--json"])
+    args = parser.parse_args(["plan", "--model", "14B", "--gpu-memory", "16", "--gpus-per-node", "2", "--max_length", "3072", "--micro_batch_size", "1", "--json"])
     args.run(args)
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is False and data["gpu_bytes"]["peak"] > 16 * GiB
