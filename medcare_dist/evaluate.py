@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 --module medcare_dist eval --model DIR --data ...
 
 `--model` is a plain HF model dir (or hub name), a prepared stage-2 base, a stage-1 or a
-stage-2 checkpoint (`artefacts.load_trained_model`). Each rank loads the whole model (no
+stage-2 checkpoint (`loading.load_trained_model`). Each rank loads the whole model (no
 ZeRO: evaluation holds no optimizer state) and evaluates records rank, rank + W, rank + 2W,
 ... of every file; sums are all-reduced and per-record results gathered, so the numbers do
 not depend on the number of ranks.
