@@ -13,10 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from medcare_dist.chat import IGNORE_INDEX, ChatTemplateError, tokenize_conversation
 from medcare_dist.data import (
-    IGNORE_INDEX,
     MANIFEST_NAME,
-    ChatTemplateError,
     DataError,
     build_dataset,
     collate,
@@ -26,7 +25,6 @@ from medcare_dist.data import (
     plan_global_batches,
     preprocess,
     read_records,
-    tokenize_conversation,
 )
 from medcare_dist.tiny import DEFAULT_SYSTEM_PROMPT, build_tokenizer
 
@@ -113,14 +111,17 @@ def test_system_turn_replaces_the_default_prompt(tokenizer):
     assert SYSTEM in masked and DEFAULT_SYSTEM_PROMPT not in masked
 
 
-def test_template_that_is_not_prefix_consistent_is_refused(tokenizer):
+def test_template_that_hides_where_a_reply_starts_is_refused(tmp_path, tokenizer):
     odd = copy.deepcopy(tokenizer)
     odd.chat_template = (
         "{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}>>{% endif %}"
     )
-    with pytest.raises(ChatTemplateError, match="prefix-consistent"):
+    with pytest.raises(ChatTemplateError, match="^turn 1: the chat template renders the conversation before"):
         tokenize_conversation(normalize_record(medcare(*SINGLE)), odd, 128)
+    path = write_jsonl(tmp_path / "one.jsonl", [medcare(*SINGLE)])
+    with pytest.raises(ChatTemplateError, match=r"one\.jsonl: record 0 \(line 1\): turn 1: "):
+        build_dataset(path, odd, 128)
 
 
 # ------------------------------------------------------------------------- validation
@@ -156,8 +157,8 @@ def test_each_bad_record_is_reported_with_file_index_line_and_reason(tmp_path, r
     message = str(caught.value)
     assert str(path) in message and "record 1 (line 3)" in message and reason in message
 
-    conversations, errors = read_records(path, on_bad_record="skip")
-    assert len(conversations) == 1 and [str(e) for e in errors] == [message]
+    conversations, errors, sources = read_records(path, on_bad_record="skip")
+    assert len(conversations) == 1 and [str(e) for e in errors] == [message] and sources == [f"{path}: record 0 (line 1)"]
 
 
 def test_invalid_json_line(tmp_path):
@@ -165,7 +166,7 @@ def test_invalid_json_line(tmp_path):
     path.write_text(json.dumps(medcare(*SINGLE)) + "\n{not json\n" + json.dumps(medcare(*SINGLE)) + "\n")
     with pytest.raises(DataError, match=r"broken\.jsonl: record 1 \(line 2\): invalid JSON"):
         read_records(path)
-    conversations, errors = read_records(path, on_bad_record="skip")
+    conversations, errors, _ = read_records(path, on_bad_record="skip")
     assert len(conversations) == 2 and len(errors) == 1
 
 
