@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -254,6 +255,92 @@ def test_truncation_keeps_a_prefix_and_drops_records_left_without_labels(tmp_pat
     assert dataset[1]["num_label_tokens"] == max_length - first_label[1]
     assert stats.tokens == full[0]["length"] + max_length
     assert stats.label_tokens == full[0]["num_label_tokens"] + dataset[1]["num_label_tokens"]
+
+
+# ------------------------------------------------------------------ nothing to train
+
+
+def test_records_that_all_lose_their_replies_to_truncation_are_an_error(tmp_path, tokenizer):
+    long_prompts = [medcare(("human", "pain " * 80), ("gpt", "Rest.")), medcare(("human", "fever " * 80), ("gpt", "Water."))]
+    path = write_jsonl(tmp_path / "long.jsonl", long_prompts)
+    with pytest.raises(DataError, match=r"^all 2 records lost every trained token at max_length 32: the prompts are longer; raise max_length$"):
+        build_dataset(path, tokenizer, 32)
+
+
+def test_files_without_a_usable_record_are_an_error(tmp_path, tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=r"no valid records in .*empty\.jsonl: they hold no record$"):
+        build_dataset(empty, tokenizer, 256, on_bad_record="skip")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}, {"id": 1}])
+    with pytest.raises(DataError, match=r"bad\.jsonl: all 2 records are invalid \(the first: .*record 0 \(line 1\): empty conversation\)"):
+        build_dataset(bad, tokenizer, 256, on_bad_record="skip")
+
+
+def test_tokenizer_without_vocabulary_or_chat_template_is_refused(tmp_path, tokenizer, good_jsonl):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "no_vocab").mkdir()
+    (tmp_path / "no_vocab" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(ChatTemplateError, match=r"no_vocab: the tokenizer has no vocabulary"):
+        build_dataset(good_jsonl, AutoTokenizer.from_pretrained(tmp_path / "no_vocab"), 256)
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "no_template")
+    with pytest.raises(ChatTemplateError, match=r"no_template: the tokenizer has no chat template"):
+        build_dataset(good_jsonl, AutoTokenizer.from_pretrained(tmp_path / "no_template"), 256)
+
+
+def test_preprocess_command_exits_non_zero_on_nothing_to_train(tmp_path, tokenizer, good_jsonl, capsys):
+    from medcare_dist.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    long_prompt = write_jsonl(tmp_path / "long.jsonl", [medcare(("human", "pain " * 80), ("gpt", "Rest."))])
+    (tmp_path / "bare").mkdir()
+    cases = [
+        ([str(long_prompt)], "tok", "all 1 records lost every trained token at max_length 32"),
+        ([str(good_jsonl)], "bare", "bare: the tokenizer has no vocabulary"),
+    ]
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    for data, tok, reason in cases:
+        argv = ["preprocess", "--data", *data, "--tokenizer", str(tmp_path / tok), "--max-length", "32", "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err  # progress bars, then the one-line error
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("medcare-dist preprocess: error: ")
+        assert reason in err.strip().splitlines()[-1]
+        assert not (tmp_path / "out").exists()
+
+
+def test_training_loop_refuses_an_epoch_without_batches(tmp_path):
+    from types import SimpleNamespace
+
+    from medcare_dist.checkpoint import TrainState
+    from medcare_dist.config import TrainConfig
+    from medcare_dist.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # the loop alone: no engine is needed to reach the first epoch
+    trainer.cfg = TrainConfig(model="m", data=["d"], output_dir=str(tmp_path))
+    trainer.out_dir, trainer.num_steps, trainer.lengths = tmp_path, 3, []
+    trainer.state, trainer.world, trainer.maybe_resume = TrainState(), SimpleNamespace(is_main=False), lambda: None
+    with pytest.raises(DataError, match="epoch 0 has no batch: the dataset has no records"):
+        trainer.fit()
+
+
+def test_stage1_launcher_fails_before_the_process_group_on_nothing_to_train(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+    import time
+
+    long_prompt = write_jsonl(tmp_path / "long.jsonl", [medcare(("human", "pain " * 80), ("gpt", "Rest."))] * 3)
+    cmd = [sys.executable, "launch/stage1.py", "--model", str(tiny_model_dir), "--data", str(long_prompt),
+           "--max_length", "32", "--output_dir", str(tmp_path / "run"), "--global_batch_size", "2"]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "stage 1: error: all 3 records lost every trained token at max_length 32: the prompts are longer; raise max_length")
+    assert "world size" not in proc.stdout and not (tmp_path / "run").exists()
+    assert time.monotonic() - started < 120
 
 
 # ---------------------------------------------------------------------- preprocessing
