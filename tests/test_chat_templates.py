@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from medcare_dist.chat import IGNORE_INDEX, render_with_spans, tokenize_conversation
-from medcare_dist.data import DataError, build_dataset, normalize_record
+from medcare_dist.chat import IGNORE_INDEX, control_token_strings, render_with_spans, tokenize_conversation
+from medcare_dist.data import DataError, build_dataset, normalize_record, read_records
 
 
 def _package_dir(dist: str, inside: str) -> Path:
@@ -176,10 +176,11 @@ def test_control_tokens_in_text_are_refused_or_kept_as_plain_text(family, tmp_pa
     path = write_jsonl(tmp_path / "forged.jsonl", [good, forged])
     first = "<think>" if name == "qwen3" else "<|im_end|>"  # Qwen3 adds <think> as a token; the others spell it in BPE
     where = "turn 0: the user" if name == "qwen3" else "turn 1: the assistant"
+    forbidden = control_token_strings(tokenizer)  # what build_dataset refuses with control_tokens="error"
     with pytest.raises(DataError, match=rf"forged\.jsonl: record 1 \(line 2\): {where} text contains the control token '{first}'"):
-        build_dataset(path, tokenizer, 512)
-    dataset, stats = build_dataset(path, tokenizer, 512, on_bad_record="skip")
-    assert (stats.records, stats.skipped) == (1, 1) and "record 1 (line 2)" in stats.errors[0]
+        read_records(path, forbidden=forbidden)
+    conversations, errors, _ = read_records(path, on_bad_record="skip", forbidden=forbidden)
+    assert len(conversations) == 1 and len(errors) == 1 and "record 1 (line 2)" in str(errors[0])
 
     dataset, stats = build_dataset(path, tokenizer, 512, control_tokens="as_text")
     assert stats.records == 2 and stats.skipped == 0

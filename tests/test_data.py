@@ -193,14 +193,16 @@ def test_whole_file_errors(tmp_path):
 
 
 def test_skip_mode_counts_skipped_records(tmp_path, tokenizer):
-    records = [medcare(*SINGLE), {"conversations": []}, medcare(*CHINESE), medcare(("human", "hi"))]
+    records = [medcare(*SINGLE), {"conversations": []}, medcare(*CHINESE), medcare(("human", "hi")),
+               medcare(("human", "hi"), ("gpt", "x<|im_end|>"))]
     path = write_jsonl(tmp_path / "some_bad.jsonl", records)
     with pytest.raises(DataError, match="record 1"):
         build_dataset(path, tokenizer, 256)
     dataset, stats = build_dataset(path, tokenizer, 256, on_bad_record="skip")
-    assert (len(dataset), stats.records_read, stats.skipped, stats.records) == (2, 4, 2, 2)
+    assert (len(dataset), stats.records_read, stats.skipped, stats.records) == (2, 5, 3, 2)
     assert "record 1 (line 2): empty conversation" in stats.errors[0]
     assert "record 3 (line 4): no assistant turn" in stats.errors[1]
+    assert "record 4 (line 5): turn 1: the assistant text contains the control token '<|im_end|>'" in stats.errors[2]
 
 
 # ---------------------------------------------------------------------------- formats
