@@ -19,7 +19,8 @@ def _preprocess(args) -> None:
     from .data import preprocess
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
-    preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc=args.num_proc)
+    preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc=args.num_proc,
+               control_tokens=args.control_tokens)
     print(f"wrote tokenised dataset to {args.out}")
 
 
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--out", required=True)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
+    p.add_argument("--control-tokens", choices=["error", "as_text"], default="error",
+                   help="message text that spells a control token (<|im_end|>, ...): refuse the record, or keep it as plain text")
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_preprocess)

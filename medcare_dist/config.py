@@ -26,6 +26,7 @@ class TrainConfig:
     output_dir: str = "runs/out"
     max_length: int = 1024
     on_bad_record: str = "error"  # error | skip
+    control_tokens: str = "error"  # error | as_text: message text spelling a control token (<|im_end|>, ...)
     trust_remote_code: bool = False
 
     # adapters (defaults: the MedCare reference)
@@ -77,6 +78,8 @@ class TrainConfig:
             raise ConfigError("data is not set (--data FILE [FILE ...])")
         if self.on_bad_record not in ("error", "skip"):
             raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
+        if self.control_tokens not in ("error", "as_text"):
+            raise ConfigError(f"control_tokens must be 'error' or 'as_text', got {self.control_tokens!r}")
         if self.routed_compute not in ("sparse", "dense"):
             raise ConfigError(f"routed_compute must be 'sparse' or 'dense', got {self.routed_compute!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):

@@ -63,7 +63,8 @@ def build_trainer(
     manifest_extra = check_inputs(cfg) if check_inputs else {}
     dtype = resolve_dtype(cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record, log=log)
+    dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record,
+                                           control_tokens=cfg.control_tokens, log=log)
 
     world = dist_utils.init_distributed(cfg.timeout_minutes)
     ds_config = build_ds_config(cfg.ds_config, cfg, world.world_size, dtype)

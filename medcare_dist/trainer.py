@@ -30,7 +30,7 @@ from .adapter_set import AdapterSet
 from .artefacts import adapter_digest
 from .checkpoint import CheckpointError, TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import collate, micro_batches_for_rank, plan_global_batches
+from .data import DataError, collate, micro_batches_for_rank, plan_global_batches
 from .launchers import World
 from .losses import causal_lm_loss_sum
 from .model import base_checksum, trainable_parameters
@@ -229,6 +229,8 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         while self.state.step < self.num_steps:
             batches = plan_global_batches(self.lengths, cfg.global_batch_size, cfg.seed, self.state.epoch)
+            if not batches:  # never spin through empty epochs
+                raise DataError(f"epoch {self.state.epoch} has no batch: the dataset has no records")
             while self.state.batch_in_epoch < len(batches) and self.state.step < self.num_steps:
                 result = self.train_step(batches[self.state.batch_in_epoch])
                 self.state.step += 1
