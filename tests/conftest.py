@@ -93,3 +93,15 @@ def write_stage2_checkpoint(stage2_base: Path, out_dir: Path, seed: int = 0, **o
     manifest = {"stage": 2, "base_model": str(stage2_base), "base_fingerprint": base_fingerprint(stage2_base),
                 "adapter_layout": adapters.layout(), "versions": versions()}
     return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, {}, cfg.to_dict(), manifest)
+
+
+def layout_hub_cache(model_dir: Path, cache: Path, repo_id: str, revision: str = "0123456789abcdef" * 2 + "01234567") -> tuple[Path, str]:
+    """A Hugging Face hub cache holding `model_dir` as `repo_id` at commit `revision`
+    (models--org--name/snapshots/REV, refs/main), as a download would leave it."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return cache, revision
