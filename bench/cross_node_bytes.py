@@ -16,7 +16,6 @@ bucket sizes; --shipped-buckets keeps the shipped values instead.
 
 import argparse
 import importlib.util
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,6 @@ _spec = importlib.util.spec_from_file_location("node_local_probe", REPO / "tests
 probe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(probe)
 CONFIGS = {"plain ZeRO-3": REPO / "ds_configs" / "zero3.json", "node-local (hpZ)": REPO / "ds_configs" / "zero3_node_local.json"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mib(n: float) -> str:
@@ -57,10 +50,8 @@ def main():
         root = tmp / shipped.stem
         root.mkdir()
         ds = shipped if args.shipped_buckets else probe.gather_every_use(shipped, root / "ds_config.json")
-        train = ["--model", model, "--data", str(REPO / "data" / "sample" / "stage1.jsonl"), "--output_dir", str(root / "run"),
-                 "--ds_config", str(ds), "--global_batch_size", str(2 * world), "--micro_batch_size", "2", "--max_length", "128",
-                 "--num_experts", "4", "--lora_r", "8"]
-        reports = probe.run_simulated_nodes(train, root, free_port(), args.nodes, args.ranks_per_node)
+        train = probe.stage1_args(model, ds, root / "run", world)
+        reports = probe.run_simulated_nodes(train, root, probe.free_port(), args.nodes, args.ranks_per_node)
         rank0 = reports[0]
         by_pass = probe.traffic(rank0, reports)
         steady = [by_pass[f"step{k}"] for k in range(2, probe.STEPS + 1)]

@@ -9,14 +9,12 @@ handful of scalars.
 
 import importlib.util
 import json
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE
+from conftest import REPO
 from medcare_dist.config import ConfigError
 from medcare_dist.node_local import resolve_hpz
 
@@ -67,12 +65,6 @@ def test_shipped_config_differs_from_plain_zero3_by_the_hpz_size_only_and_deepsp
 # 2 simulated nodes x 2 ranks, plain ZeRO-3 against node-local
 # -------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """Both configs on the same 4 ranks, data and seed; each run returns its reports and
@@ -81,10 +73,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     for name, shipped in (("plain", PLAIN), ("node_local", NODE_LOCAL)):
         root = tmp_path_factory.mktemp(name)
         ds = probe.gather_every_use(shipped, root / "ds_config.json")
-        args = ["--model", str(tiny_model_dir), "--data", str(SAMPLE / "stage1.jsonl"), "--output_dir", str(root / "run"),
-                "--ds_config", str(ds), "--global_batch_size", "8", "--micro_batch_size", "2", "--max_length", "128",
-                "--num_experts", "4", "--lora_r", "8"]
-        reports = probe.run_simulated_nodes(args, root, free_port())
+        reports = probe.run_simulated_nodes(probe.stage1_args(str(tiny_model_dir), ds, root / "run", 4), root, probe.free_port())
         out[name] = reports, [load_file(str(root / f"adapters_rank{r}.safetensors")) for r in range(4)]
     return out
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -183,6 +184,20 @@ def probe_main(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------
 # Starting the simulated nodes (run outside the launcher)
 # ---------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage1_args(model: str, ds_config: Path, out: Path, world: int) -> list[str]:
+    """A short stage-1 run on the sample data: one micro-batch of 2 records per rank per step."""
+    repo = Path(__file__).resolve().parents[2]
+    return ["--model", model, "--data", str(repo / "data" / "sample" / "stage1.jsonl"), "--output_dir", str(out),
+            "--ds_config", str(ds_config), "--global_batch_size", str(2 * world), "--micro_batch_size", "2",
+            "--max_length", "128", "--num_experts", "4", "--lora_r", "8"]
+
 
 def gather_every_use(ds_config: Path, out: Path) -> Path:
     """A copy of `ds_config` with GATHER_EVERY_USE, written to `out`."""
