@@ -50,7 +50,8 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world_size: int, dtype: 
 class _DeepSpeedContext:
     """Keeps transformers' HfDeepSpeedConfig alive while the model is loaded, so that
     `from_pretrained` builds each weight already partitioned: no rank ever holds the
-    whole model, on the CPU or on the GPU."""
+    whole model, on the CPU or on the GPU. transformers' zero.Init reads the whole config, so
+    a `zero_hpz_partition_size` (node_local.py) also gives each weight its node-local shard."""
 
     def __init__(self, ds_config: dict):
         from transformers.integrations import HfDeepSpeedConfig

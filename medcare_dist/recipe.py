@@ -49,6 +49,7 @@ def build_trainer(
     from transformers import AutoTokenizer
 
     from . import distributed as dist_utils
+    from . import node_local
     from .data import load_dataset_for_training
     from .model import base_checksum, build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
 
@@ -67,7 +68,7 @@ def build_trainer(
                                            control_tokens=cfg.control_tokens, log=log)
 
     world = dist_utils.init_distributed(cfg.timeout_minutes)
-    ds_config = build_ds_config(cfg.ds_config, cfg, world.world_size, dtype)
+    ds_config = node_local.configure(build_ds_config(cfg.ds_config, cfg, world.world_size, dtype), cfg.ds_config)
     import deepspeed
 
     model = load_frozen_base(cfg.model, ds_config, dtype, cfg.trust_remote_code)
