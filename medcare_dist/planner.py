@@ -8,6 +8,9 @@ model states
   base shard      the frozen base in the training dtype, partitioned by ZeRO-3:
                   params x bytes / world (DeepSpeed's own estimator calls this the "params"
                   term). No gradient and no optimizer state exist for it.
+  base node shard with ds_configs/zero3_node_local.json (chosen on several nodes when it
+                  fits): hpZ's secondary copy over the ranks of a node, params x bytes / GPUs
+                  per node; it keeps the base's all-gathers inside each node.
   persistent      params below `stage3_param_persistence_threshold` (norms, biases) are not
                   partitioned: every rank holds them whole.
   adapters        unsharded on every rank, fp32 (README, "How the adapters live under
@@ -74,6 +77,7 @@ GiB = 2**30
 REPO = Path(__file__).resolve().parent.parent
 ZERO3 = "ds_configs/zero3.json"
 ZERO3_OFFLOAD = "ds_configs/zero3_offload.json"
+ZERO3_NODE_LOCAL = "ds_configs/zero3_node_local.json"  # several nodes: the base's gathers stay inside each node
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ADAPTER_BYTES = 4  # adapters, their gradients and AdamW states are fp32
 
@@ -282,6 +286,7 @@ def _zero3_settings(ds_config: str | Path) -> dict[str, float]:
         "max_reuse_distance": float(z.get("stage3_max_reuse_distance", 1e9)),
         "persistence_threshold": float(z.get("stage3_param_persistence_threshold", 1e5)),
         "offload_param": z.get("offload_param", {}).get("device", "none") not in ("none", None),
+        "hpz": z.get("zero_hpz_partition_size", 1),
     }
 
 
@@ -323,6 +328,7 @@ class Plan:
             f"adapter params {self.adapter_params['total']:,} ({self.adapter_params['trainable']:,} trainable)",
             f"with {self.ds_config}" + (" (base params offloaded to CPU)" if self.offload_param else ""),
             f"  {f'base shard (ZeRO-3, 1/{self.world})':<33}{gib(g['base_shard'])}",
+            f"  base node shard (hpZ)            {gib(g['base_node_shard'])}",
             f"  persistent small params          {gib(g['persistent'])}",
             f"  adapters (fp32, every rank)      {gib(g['adapters'])}",
             f"  adapter gradients (fp32)         {gib(g['adapter_grads'])}",
@@ -355,12 +361,20 @@ def plan(
     ds_config: str | None = None,
 ) -> Plan:
     """The memory plan of one configuration. With `ds_config=None` the ZeRO-3 config is
-    chosen: ds_configs/zero3.json when it fits, else the CPU-offload one."""
+    chosen: on several nodes ds_configs/zero3_node_local.json when it fits, else
+    ds_configs/zero3.json when it fits, else the CPU-offload one."""
     if ds_config is None:
-        first = plan(model, stage, nodes, gpus_per_node, gpu_memory_gib, micro_batch, seq_len, grad_ckpt, dtype, layout, reserve_gib, ZERO3)
+        args = (model, stage, nodes, gpus_per_node, gpu_memory_gib, micro_batch, seq_len, grad_ckpt, dtype, layout, reserve_gib)
+        local = plan(*args, ZERO3_NODE_LOCAL) if nodes > 1 else None
+        if local is not None and local.fits:
+            local.notes.insert(0, "node-local sharding: the base's all-gathers stay inside each node, only the adapter gradients cross nodes")
+            return local
+        first = plan(*args, ZERO3)
+        if local is not None:
+            first.notes.insert(0, f"does not fit with {ZERO3_NODE_LOCAL} ({local.peak_bytes / GiB:.2f} GiB): the base is gathered across nodes")
         if first.fits:
             return first
-        second = plan(model, stage, nodes, gpus_per_node, gpu_memory_gib, micro_batch, seq_len, grad_ckpt, dtype, layout, reserve_gib, ZERO3_OFFLOAD)
+        second = plan(*args, ZERO3_OFFLOAD)
         if second.fits:
             second.notes.insert(0, f"does not fit with {ZERO3} ({first.peak_bytes / GiB:.2f} GiB): offload the base params to CPU")
             return second
@@ -386,11 +400,13 @@ def plan(
     act = activation_bytes(shape, layout, p, tokens, grad_ckpt)
 
     shard = counts["total"] * p // world
+    hpz = (gpus_per_node if nodes > 1 else 1) if z["hpz"] == "auto" else int(z["hpz"])
     reused = min(counts["total"], z["max_reuse_distance"] / 2)
     prefetch = min(z["prefetch_bucket"], max(0.0, z["max_live"] - reused))
     gathered = int((counts["largest_module"] + prefetch + reused) * p)
     gpu = {
         "base_shard": 0 if z["offload_param"] else shard,
+        "base_node_shard": counts["total"] * p // hpz if hpz > 1 else 0,  # hpZ's secondary shard, over the node's ranks
         "persistent": counts["persistent"] * p - counts["persistent"] * p // world,  # whole, less the shard already counted
         "adapters": ADAPTER_BYTES * adapters["total"],
         "adapter_grads": ADAPTER_BYTES * adapters["trainable"],
@@ -400,7 +416,7 @@ def plan(
         "gathered": gathered,
         "reserve": int(reserve_gib * GiB),
     }
-    states = sum(gpu[k] for k in ("base_shard", "persistent", "adapters", "adapter_grads", "optimizer", "reserve"))
+    states = sum(gpu[k] for k in ("base_shard", "base_node_shard", "persistent", "adapters", "adapter_grads", "optimizer", "reserve"))
     flat_allreduce = ADAPTER_BYTES * adapters["trainable"] if world > 1 else 0
     gpu["peak"] = states + max(act["total"] + gathered, flat_allreduce)
     notes = [

@@ -14,6 +14,7 @@ from medcare_dist.planner import (
     BUILTIN,
     GiB,
     ZERO3,
+    ZERO3_NODE_LOCAL,
     ZERO3_OFFLOAD,
     AdapterLayout,
     ModelShape,
@@ -262,3 +263,16 @@ def test_offload_config_is_zero3_plus_param_offload_only():
     assert {k: v for k, v in zo.items() if k != "offload_param"} == z
     assert zo["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert "offload_optimizer" not in zo  # the adapters' optimizer is not DeepSpeed's: nothing to offload
+
+
+def test_several_nodes_choose_node_local_sharding_and_pay_its_node_shard():
+    one = plan("Qwen1.5-7B", nodes=1, gpus_per_node=8, gpu_memory_gib=80, micro_batch=1, seq_len=2048, grad_ckpt=True)
+    two = plan("Qwen1.5-7B", nodes=2, gpus_per_node=8, gpu_memory_gib=80, micro_batch=1, seq_len=2048, grad_ckpt=True)
+    assert one.ds_config == ZERO3 and one.gpu_bytes["base_node_shard"] == 0
+    assert two.ds_config == ZERO3_NODE_LOCAL and "node-local" in two.notes[0]
+    assert two.gpu_bytes["base_node_shard"] == 2 * two.params["total"] // 8  # bf16, over the 8 ranks of a node
+    assert two.gpu_bytes["base_shard"] == 2 * two.params["total"] // 16
+    # When the node shard does not fit, plain ZeRO-3 is chosen and says why.
+    tight = (two.peak_bytes - two.gpu_bytes["base_node_shard"] // 2) / GiB
+    fallback = plan("Qwen1.5-7B", nodes=2, gpus_per_node=8, gpu_memory_gib=tight, micro_batch=1, seq_len=2048, grad_ckpt=True)
+    assert fallback.fits and fallback.ds_config == ZERO3 and ZERO3_NODE_LOCAL in fallback.notes[0]
