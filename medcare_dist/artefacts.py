@@ -24,6 +24,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import CheckpointError, OutputExistsError
+from .hub import ModelSource, locate, resolve_model
 
 ADAPTERS_FILE = "adapters.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -61,6 +62,20 @@ def describe(path: str | Path) -> str:
 def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
     """The resolved training config a checkpoint was made with."""
     return TrainConfig(**json.loads((Path(checkpoint) / CONFIG_FILE).read_text()))
+
+
+def base_record(source: ModelSource) -> dict:
+    """What a checkpoint's manifest says about its base: the absolute local dir, where it
+    came from (hub repository and commit, for a hub model) and its fingerprint."""
+    return {"base_model": source.path, "base_source": source.to_dict(), "base_fingerprint": base_fingerprint(source.path)}
+
+
+def base_model_dir(manifest: dict) -> Path:
+    """The local dir of the base a manifest records (`hub.locate`: the recorded path, else the
+    same hub commit). Manifests written before sources were recorded name only `base_model`."""
+    if "base_source" in manifest:
+        return locate(manifest["base_source"])
+    return Path(resolve_model(manifest["base_model"]).path)
 
 
 # --- identities: fingerprints, digests, versions --------------------------------------------
@@ -120,9 +135,17 @@ def lora_pairs(tensors: dict[str, torch.Tensor], group: str, a_name: str = "lora
 
 # --- outputs ---------------------------------------------------------------------------------
 
+def require_output_dir(out_dir: str | Path) -> Path:
+    """An output directory path must be a directory or not exist yet (not a file)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output directory {out} is a file; give a directory path")
+    return out
+
+
 def require_empty_dir(out_dir: str | Path) -> Path:
     """Outputs are never written over: the directory must be new or empty."""
-    out = Path(out_dir)
+    out = require_output_dir(out_dir)
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"output directory {out} exists and is not empty")
     return out

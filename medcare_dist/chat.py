@@ -46,6 +46,16 @@ def check_tokenizer(tokenizer) -> None:
                                 "or chat_template.jinja): cannot tell which tokens are assistant replies")
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that pads micro-batches: the tokenizer's pad token, else (as Qwen's base models
+    and most causal LMs do) its end-of-sequence token. Padding is masked out of the loss."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ChatTemplateError(f"{tokenizer.name_or_path or 'the tokenizer'}: the tokenizer has neither a pad nor an "
+                            "eos token; set \"pad_token\" in its tokenizer_config.json")
+
+
 def control_token_strings(tokenizer) -> tuple[str, ...]:
     """The strings that the tokenizer turns into one of its added tokens (special or not), longest first."""
     return tuple(sorted({token.content for token in tokenizer.added_tokens_decoder.values()}, key=lambda s: (-len(s), s)))

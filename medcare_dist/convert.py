@@ -28,11 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from .adapters import lora_scale
 from .artefacts import (
-    ADAPTERS_FILE, KNOWLEDGE_FILE, STAGE2_KIND, adapter_tensor_name, base_fingerprint, checkpoint_config, describe,
+    ADAPTERS_FILE, KNOWLEDGE_FILE, STAGE2_KIND, adapter_tensor_name, base_fingerprint, base_model_dir, checkpoint_config,
+    describe,
     lora_pairs, read_manifest, require_empty_dir, versions, write_manifest,
 )
 from .errors import CheckpointError
-from .hf_io import ShardedWriter, copy_side_files, iter_tensors, parse_size, resolve_model_dir, weight_files
+from .hf_io import ShardedWriter, copy_side_files, iter_tensors, parse_size, weight_files
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -67,7 +68,7 @@ def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard
         raise CheckpointError(f"{ckpt}: a stage-{manifest.get('stage')} artefact, not a stage-1 checkpoint")
     require_empty_dir(out)
     cfg = checkpoint_config(ckpt)
-    base_dir = resolve_model_dir(manifest["base_model"])
+    base_dir = base_model_dir(manifest)
     if base_fingerprint(base_dir) != manifest["base_fingerprint"]:
         raise CheckpointError(f"base model {base_dir} differs from the one stage 1 trained on (fingerprint mismatch)")
     adapters = load_file(str(ckpt / ADAPTERS_FILE))
@@ -93,6 +94,7 @@ def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard
         "stage1_checkpoint": str(ckpt.resolve()),
         "stage1_step": manifest.get("step"),
         "original_base_model": manifest["base_model"],
+        "original_base_source": manifest.get("base_source"),
         "original_base_fingerprint": manifest["base_fingerprint"],
         "base_fingerprint": base_fingerprint(out),
         "merged_attention_targets": sorted(attn),
@@ -107,7 +109,7 @@ def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard
 
 def stage2_deltas(checkpoint: Path) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], float]:
     """{target: [(A, B), ...]} of every stage-2 LoRA, and their common scale."""
-    base_manifest = read_manifest(resolve_model_dir(checkpoint_config(checkpoint).model))
+    base_manifest = read_manifest(base_model_dir(read_manifest(checkpoint)))
     adapters = load_file(str(checkpoint / ADAPTERS_FILE))
     deltas: dict[str, list] = {}
     for group in ("knowledge", "alignment"):
@@ -149,7 +151,7 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf1
     _require(checkpoint, ("stage2-checkpoint",), "a merged export")
     require_empty_dir(out)
     manifest = read_manifest(checkpoint)
-    base = resolve_model_dir(checkpoint_config(checkpoint).model)
+    base = base_model_dir(manifest)
     deltas, scale = stage2_deltas(checkpoint)
     merged, shards = merge_into_base(base, out, deltas, scale, max_shard_size, DTYPES[dtype])
     config = json.loads((out / "config.json").read_text())

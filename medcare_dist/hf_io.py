@@ -36,16 +36,12 @@ SIDE_FILES = (
 )
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local HF model dir; a hub name is fetched (config, tokenizer, safetensors only)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or name_or_path.startswith((".", "/")):
-        raise InputNotFoundError(f"model directory not found: {name_or_path}")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]))
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse a directory that is not a loadable HF model (no config, no safetensors weights),
+    before anything expensive reads it."""
+    if not (model_dir / "config.json").is_file():
+        raise InputNotFoundError(f"{model_dir}: no config.json; not a Hugging Face model directory")
+    weight_files(model_dir)
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:

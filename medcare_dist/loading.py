@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from .adapter_set import AdapterSet
-from .artefacts import ADAPTERS_FILE, checkpoint_config, describe
+from .artefacts import ADAPTERS_FILE, base_model_dir, checkpoint_config, describe, read_manifest
 from .config import TrainConfig
-from .hf_io import resolve_model_dir
+from .hub import resolve_model
 from .model import load_frozen_base
 from .stage1 import stage1_adapters
 from .stage2 import stage2_adapters
@@ -41,9 +41,11 @@ def load_adapters(model: torch.nn.Module, path: str | Path) -> AdapterSet | None
 def base_dir_of(path: str | Path) -> Path:
     """The HF model dir an artefact runs on."""
     kind = describe(path)
-    if kind in ("hf", "stage2-base"):
+    if kind == "hf":  # a local dir or a hub name
+        return Path(resolve_model(str(path)).path)
+    if kind == "stage2-base":
         return Path(path)
-    return resolve_model_dir(checkpoint_config(path).model)
+    return base_model_dir(read_manifest(path))
 
 
 def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

@@ -8,14 +8,18 @@ input fails before any process group or model load where possible.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .adapter_set import AdapterSet
-from .artefacts import base_fingerprint, versions
+from .artefacts import base_record, require_output_dir, versions
 from .config import TrainConfig, load_config, parse_overrides
 from .errors import MedcareError
+from .chat import pad_token_id
+from .hf_io import check_model_dir
+from .hub import resolve_model
 from .launchers import launch_rank, without_local_rank
 from .model import enable_activation_checkpointing
 from .reporting import check_report_to
@@ -62,8 +66,12 @@ def build_trainer(
         datasets.disable_progress_bars()
     check_report_to(cfg.report_to)
     manifest_extra = check_inputs(cfg) if check_inputs else {}
+    require_output_dir(cfg.output_dir)
+    source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
+    check_model_dir(Path(source.path))
     dtype = resolve_dtype(cfg.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code)
+    pad_id = pad_token_id(tokenizer)
     dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record,
                                            control_tokens=cfg.control_tokens, log=log)
 
@@ -71,7 +79,7 @@ def build_trainer(
     ds_config = node_local.configure(build_ds_config(cfg.ds_config, cfg, world.world_size, dtype), cfg.ds_config)
     import deepspeed
 
-    model = load_frozen_base(cfg.model, ds_config, dtype, cfg.trust_remote_code)
+    model = load_frozen_base(source.path, ds_config, dtype, cfg.trust_remote_code)
     if cfg.grad_checkpointing:
         enable_activation_checkpointing(model)
     torch.manual_seed(cfg.seed)
@@ -85,14 +93,13 @@ def build_trainer(
     log(f"world size {world.world_size}, dtype {dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
     manifest = {
         "stage": cfg.stage,
-        "base_model": cfg.model,
-        "base_fingerprint": base_fingerprint(cfg.model),
+        **base_record(source),
         "base_checksum": base_checksum(model),
         "adapter_layout": adapters.layout(),
         "versions": versions(),
         **manifest_extra,
     }
-    return Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), tokenizer.pad_token_id, manifest, log=log)
+    return Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), pad_id, manifest, log=log)
 
 
 def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None) -> int:
