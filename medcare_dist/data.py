@@ -11,8 +11,9 @@ turn's rendered span is trained, everything else is masked with -100. With Qwen'
 this trains the reply, its ``<|im_end|>`` and the newline after it.
 
 Batches are planned over global indices only (seed, epoch, global batch size), so the
-data order does not depend on the world size; each rank then takes its share of every
-global batch as the same number of micro-batches.
+data order does not depend on the world size. Each global batch is cut into micro-batches
+that do not depend on the world size either (fixed-size runs, or token-budget packs), and
+rank r takes micro-batches r, r + W, ...
 """
 
 from __future__ import annotations
@@ -429,28 +430,53 @@ def plan_global_batches(lengths: Iterable[int], global_batch_size: int, seed: in
     return batches
 
 
-def micro_batches_for_rank(global_batch: Sequence[int], world_size: int, rank: int,
-                           micro_batch_size: int) -> list[list[int]]:
-    """This rank's micro-batches of a global batch.
+def split_global_batch(global_batch: Sequence[int], lengths: Sequence[int], micro_batch_size: int,
+                       pack_tokens: int = 0) -> list[list[int]]:
+    """The micro-batches ("pieces") of one global batch, the same at every world size.
 
-    Every rank gets accum = ceil(len(global_batch) / (world_size * micro_batch_size))
-    micro-batches: the global batch is cut into accum * world_size consecutive pieces of
-    near-equal size (at most micro_batch_size; empty only when the batch has fewer
-    indices than pieces), and micro-step s of rank r is piece s * world_size + r.
+    Padded (pack_tokens 0): consecutive runs of micro_batch_size indices (the last may be
+    shorter). Packed: `pack_by_tokens` with a budget of pack_tokens tokens per piece.
     """
-    if world_size < 1 or micro_batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad world_size={world_size}, rank={rank}, micro_batch_size={micro_batch_size}")
+    if micro_batch_size < 1 or pack_tokens < 0:
+        raise ValueError(f"bad micro_batch_size={micro_batch_size}, pack_tokens={pack_tokens}")
     if not global_batch:
         raise ValueError("empty global batch")
-    accum = math.ceil(len(global_batch) / (world_size * micro_batch_size))
-    pieces = _split_evenly(list(global_batch), accum * world_size)
-    return [pieces[step * world_size + rank] for step in range(accum)]
+    if pack_tokens:
+        return pack_by_tokens(global_batch, lengths, pack_tokens)
+    return [list(global_batch[start:start + micro_batch_size]) for start in range(0, len(global_batch), micro_batch_size)]
 
 
-def _split_evenly(items: list, parts: int) -> list[list]:
-    size, extra = divmod(len(items), parts)
-    bounds = [part * size + min(part, extra) for part in range(parts + 1)]
-    return [items[begin:end] for begin, end in zip(bounds, bounds[1:])]
+def pack_by_tokens(indices: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: longest record first, each into the first pack with room for it.
+    Deterministic (a stable sort, then a fixed scan); every index lands in exactly one pack."""
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(indices, key=lambda i: -lengths[i]):
+        n = lengths[index]
+        if n > budget:
+            raise ValueError(f"record {index} has {n} tokens, more than the packing budget of {budget}")
+        slot = next((p for p, free in enumerate(room) if n <= free), None)
+        if slot is None:
+            packs.append([])
+            room.append(budget)
+            slot = len(packs) - 1
+        packs[slot].append(index)
+        room[slot] -= n
+    return packs
+
+
+def pieces_for_rank(pieces: Sequence[list[int]], world_size: int, rank: int) -> list[tuple[int, list[int]]]:
+    """(piece number, indices) for each micro-step of `rank`: pieces rank, rank + W, ...
+
+    Every rank gets ceil(len(pieces) / W) micro-steps, so ZeRO-3's collectives match; a rank
+    past the last piece gets an empty one (the trainer runs it as a zero-weight forward).
+    Piece k holds the same records at any world size, and seeds its randomness from k.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad world_size={world_size}, rank={rank}")
+    steps = math.ceil(len(pieces) / world_size)
+    numbers = [step * world_size + rank for step in range(steps)]
+    return [(k, list(pieces[k]) if k < len(pieces) else []) for k in numbers]
 
 
 def collate(records: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -469,3 +495,22 @@ def collate(records: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tenso
         batch["labels"][row, :n] = torch.as_tensor(record["labels"])
         batch["attention_mask"][row, :n] = 1
     return batch
+
+
+def collate_packed(records: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Records end to end in one row (no padding): input_ids, labels and position_ids [1, tokens].
+
+    position_ids restart at 0 for every record, which is what makes transformers' attention
+    block-causal (no token sees another record). Each record's first label is masked: in the
+    row it would be the target of the previous record's last token, and unpacked it is never
+    a target (`num_label_tokens` counts labels[1:]).
+    """
+    if not records:
+        raise ValueError("cannot collate an empty micro-batch")
+    labels = [[IGNORE_INDEX] + list(record["labels"][1:]) for record in records]
+    row = {
+        "input_ids": [t for record in records for t in record["input_ids"]],
+        "labels": [t for record_labels in labels for t in record_labels],
+        "position_ids": [p for record in records for p in range(len(record["input_ids"]))],
+    }
+    return {k: torch.tensor([v], dtype=torch.long) for k, v in row.items()}

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .adapter_set import AdapterSet
+from .adapter_set import AdapterSet, adapter_compute_dtype
 from .checkpoint import base_fingerprint, versions
 from .config import ConfigError, TrainConfig, load_config, parse_overrides
 from .model import enable_activation_checkpointing
@@ -73,12 +73,13 @@ def build_trainer(
     torch.manual_seed(cfg.seed)
     adapters = build_adapters(model, cfg).to(world.device)
     dist_utils.broadcast_params(list(adapters.parameters()))
-    adapters.attach(model)
+    adapter_dtype = adapter_compute_dtype(cfg.adapter_dtype, dtype)
+    adapters.attach(model, adapter_dtype)
     adapters.train()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.train()
     n_trainable = sum(p.numel() for p in trainable_parameters(adapters))
-    log(f"world size {world.world_size}, dtype {dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
+    log(f"world size {world.world_size}, dtype {dtype}, adapter matmuls {adapter_dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
     manifest = {
         "stage": cfg.stage,
         "base_model": cfg.model,
