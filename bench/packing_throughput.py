@@ -7,8 +7,8 @@ with the tiny tokenizer), and a synthetic chat-like mix (log-normal lengths, med
 tokens, cut at --max-length; a third of each record is prompt, the rest trained). For each,
 both modes run the trainer's own micro-batch path (`data.split_global_batch`, `collate` or
 `collate_packed`, `losses.model_lm_loss_sum`, backward) over the same global batches from
-`data.plan_global_batches` (global batch 16, micro-batch 2: the config defaults; the packing
-budget is micro-batch x max_length tokens, the trainer's default). tokens/s counts real
+`data.plan_global_batches` (global batch 16, micro-batch 2: the config defaults; packed rows
+of up to max_length tokens, the trainer's default). tokens/s counts real
 (non-pad) tokens only. One process, no DeepSpeed; the model is the tiny Qwen2's shape widened
 to --hidden (random init, fp32) with the stage-1 adapters attached.
 """
@@ -62,11 +62,15 @@ def run(model, records: list[dict], pack_tokens: int, steps: int) -> tuple[float
     for global_batch in batches:
         n_labels = sum(sum(t != -100 for t in records[i]["labels"][1:]) for i in global_batch)
         for piece in split_global_batch(global_batch, lengths, MICRO_BATCH, pack_tokens):
-            rows = [records[i] for i in piece]
-            batch = collate_packed(rows) if pack_tokens else collate(rows, pad_token_id=0)
+            rows = [[records[i] for i in row] for row in piece]
+            if pack_tokens:
+                batch = collate_packed(rows, pad_token_id=0)
+                batch.pop("real_tokens")
+            else:
+                batch = collate([record for row in rows for record in row], pad_token_id=0)
             labels = batch.pop("labels")
             (model_lm_loss_sum(model, batch, labels) / n_labels).backward()
-            tokens += sum(len(r["input_ids"]) for r in rows)
+            tokens += sum(len(record["input_ids"]) for row in rows for record in row)
             micro += 1
     return time.perf_counter() - start, tokens, micro
 
@@ -84,7 +88,7 @@ def main() -> None:
 
     tokenizer = build_tokenizer()
     shape = {**TINY_CONFIG, "hidden_size": args.hidden, "intermediate_size": args.hidden * 11 // 4,
-             "num_hidden_layers": args.layers, "max_position_embeddings": args.max_length * MICRO_BATCH}
+             "num_hidden_layers": args.layers, "max_position_embeddings": args.max_length}
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), **shape))
     model.requires_grad_(False)
@@ -99,7 +103,7 @@ def main() -> None:
     for name, records in datasets.items():
         mean = sum(len(r["input_ids"]) for r in records) / len(records)
         padded = None
-        for mode, budget in (("padded", 0), ("packed", MICRO_BATCH * args.max_length)):
+        for mode, budget in (("padded", 0), ("packed", args.max_length)):
             seconds, tokens, micro = run(model, records, budget, args.steps)
             rate = tokens / seconds
             padded = padded or rate

@@ -60,7 +60,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     seed: int = 42
     packing: str = "auto"  # auto (on where the model's attention honours packed position_ids) | on | off
-    pack_tokens: int = 0  # token budget of a packed micro-batch; 0: micro_batch_size x max_length
+    pack_tokens: int = 0  # tokens per packed row (a micro-batch has micro_batch_size rows); 0: max_length
     lm_loss: str = "chunked"  # chunked (no full logits) | full | liger (CUDA, liger-kernel)
     loss_chunk_tokens: int = 1024  # tokens per LM-head chunk of the chunked loss
 

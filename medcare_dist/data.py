@@ -430,20 +430,26 @@ def plan_global_batches(lengths: Iterable[int], global_batch_size: int, seed: in
     return batches
 
 
-def split_global_batch(global_batch: Sequence[int], lengths: Sequence[int], micro_batch_size: int,
-                       pack_tokens: int = 0) -> list[list[int]]:
-    """The micro-batches ("pieces") of one global batch, the same at every world size.
+Piece = list[list[int]]  # a micro-batch: its rows, each row the record indices laid end to end in it
 
-    Padded (pack_tokens 0): consecutive runs of micro_batch_size indices (the last may be
-    shorter). Packed: `pack_by_tokens` with a budget of pack_tokens tokens per piece.
+
+def split_global_batch(global_batch: Sequence[int], lengths: Sequence[int], micro_batch_size: int,
+                       pack_tokens: int = 0) -> list[Piece]:
+    """The micro-batches ("pieces") of one global batch, the same at every world size; each
+    piece has at most micro_batch_size rows.
+
+    Padded (pack_tokens 0): one record per row, consecutive runs of micro_batch_size records
+    (the last piece may be shorter). Packed: the records are binned into rows of at most
+    pack_tokens tokens (`pack_by_tokens`), and consecutive runs of micro_batch_size rows make
+    the pieces. A packed row is never longer than pack_tokens, so attention over it (which
+    sdpa computes over the whole row, masked) costs no more than over one such record.
     """
     if micro_batch_size < 1 or pack_tokens < 0:
         raise ValueError(f"bad micro_batch_size={micro_batch_size}, pack_tokens={pack_tokens}")
     if not global_batch:
         raise ValueError("empty global batch")
-    if pack_tokens:
-        return pack_by_tokens(global_batch, lengths, pack_tokens)
-    return [list(global_batch[start:start + micro_batch_size]) for start in range(0, len(global_batch), micro_batch_size)]
+    rows = pack_by_tokens(global_batch, lengths, pack_tokens) if pack_tokens else [[i] for i in global_batch]
+    return [rows[start:start + micro_batch_size] for start in range(0, len(rows), micro_batch_size)]
 
 
 def pack_by_tokens(indices: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -465,8 +471,8 @@ def pack_by_tokens(indices: Sequence[int], lengths: Sequence[int], budget: int) 
     return packs
 
 
-def pieces_for_rank(pieces: Sequence[list[int]], world_size: int, rank: int) -> list[tuple[int, list[int]]]:
-    """(piece number, indices) for each micro-step of `rank`: pieces rank, rank + W, ...
+def pieces_for_rank(pieces: Sequence[Piece], world_size: int, rank: int) -> list[tuple[int, Piece]]:
+    """(piece number, piece) for each micro-step of `rank`: pieces rank, rank + W, ...
 
     Every rank gets ceil(len(pieces) / W) micro-steps, so ZeRO-3's collectives match; a rank
     past the last piece gets an empty one (the trainer runs it as a zero-weight forward).
@@ -476,7 +482,7 @@ def pieces_for_rank(pieces: Sequence[list[int]], world_size: int, rank: int) -> 
         raise ValueError(f"bad world_size={world_size}, rank={rank}")
     steps = math.ceil(len(pieces) / world_size)
     numbers = [step * world_size + rank for step in range(steps)]
-    return [(k, list(pieces[k]) if k < len(pieces) else []) for k in numbers]
+    return [(k, pieces[k] if k < len(pieces) else []) for k in numbers]
 
 
 def collate(records: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -497,20 +503,35 @@ def collate(records: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tenso
     return batch
 
 
-def collate_packed(records: Sequence[dict]) -> dict[str, torch.Tensor]:
-    """Records end to end in one row (no padding): input_ids, labels and position_ids [1, tokens].
+def collate_packed(rows: Sequence[Sequence[dict]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows of records laid end to end: input_ids, labels, position_ids for the model (no
+    attention_mask: with one, transformers would not look for packed rows), and real_tokens
+    (False for padding), all [rows, width].
 
     position_ids restart at 0 for every record, which is what makes transformers' attention
     block-causal (no token sees another record). Each record's first label is masked: in the
     row it would be the target of the previous record's last token, and unpacked it is never
-    a target (`num_label_tokens` counts labels[1:]).
+    a target (`num_label_tokens` counts labels[1:]). A row shorter than the widest is filled
+    with pad tokens that form a sequence of their own (positions from 0, no labels), after
+    every real token, so no real token sees them.
     """
-    if not records:
-        raise ValueError("cannot collate an empty micro-batch")
-    labels = [[IGNORE_INDEX] + list(record["labels"][1:]) for record in records]
-    row = {
-        "input_ids": [t for record in records for t in record["input_ids"]],
-        "labels": [t for record_labels in labels for t in record_labels],
-        "position_ids": [p for record in records for p in range(len(record["input_ids"]))],
+    if not rows or not all(rows):
+        raise ValueError("cannot collate an empty micro-batch or an empty row")
+    width = max(sum(len(record["input_ids"]) for record in row) for row in rows)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+        "real_tokens": torch.zeros((len(rows), width), dtype=torch.bool),
     }
-    return {k: torch.tensor([v], dtype=torch.long) for k, v in row.items()}
+    for r, row in enumerate(rows):
+        start = 0
+        for record in row:
+            n = len(record["input_ids"])
+            batch["input_ids"][r, start:start + n] = torch.as_tensor(record["input_ids"])
+            batch["labels"][r, start + 1:start + n] = torch.as_tensor(record["labels"][1:], dtype=torch.long)
+            batch["position_ids"][r, start:start + n] = torch.arange(n)
+            start += n
+        batch["real_tokens"][r, :start] = True
+        batch["position_ids"][r, start:] = torch.arange(width - start)
+    return batch

@@ -78,15 +78,16 @@ def packing_is_exact(model, adapters) -> bool:
     model.eval(), adapters.eval()
     try:
         with torch.no_grad():
-            alone = torch.cat([model(input_ids=x[None]).logits[0] for x in (first, second)]).float()
+            alone = torch.cat([model(input_ids=x[None]).logits[0] for x in (first, second)])
             positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))]).to(device)
-            packed = model(input_ids=ids[None], position_ids=positions[None]).logits[0].float()
+            packed = model(input_ids=ids[None], position_ids=positions[None]).logits[0]
     except TypeError:  # a model whose forward takes no position_ids
         return False
     finally:
         model.train(was_training[0]), adapters.train(was_training[1])
-    tolerance = 1e-4 if packed.dtype == torch.float32 and alone.dtype == torch.float32 else 3e-2
-    return float((packed - alone).abs().max()) <= tolerance * max(float(alone.abs().max()), 1.0)
+    tolerance = 1e-4 if alone.dtype == torch.float32 else 3e-2  # relative to the logits' scale; bf16/fp16 round more
+    error = float((packed.float() - alone.float()).abs().max())
+    return error <= tolerance * max(float(alone.float().abs().max()), 1.0)
 
 
 def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -173,16 +174,20 @@ class Trainer:
                 raise ConfigError(f"packing on: {reason}; use --packing off (or auto)")
             self.log(f"packing off: {reason}; micro-batches are padded")
             return 0
-        return cfg.pack_tokens or cfg.micro_batch_size * cfg.max_length
+        return cfg.pack_tokens or cfg.max_length
 
-    def _micro_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _micro_batch(self, piece: list[list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """(model inputs, labels, token mask [tokens]: real tokens, False for padding)."""
-        if indices:
-            records, real = [self.dataset[i] for i in indices], True
+        if piece:
+            rows, real = [[self.dataset[i] for i in row] for row in piece], True
         else:  # this rank has no piece left in the batch: a zero-weight forward keeps ZeRO-3 in step
-            records, real = [{"input_ids": [self.pad_token_id] * 2, "labels": [IGNORE_INDEX] * 2}], False
-        batch = collate_packed(records) if self.pack_tokens else collate(records, self.pad_token_id)
-        not_pad = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool().reshape(-1)
+            rows, real = [[{"input_ids": [self.pad_token_id] * 2, "labels": [IGNORE_INDEX] * 2}]], False
+        if self.pack_tokens:
+            batch = collate_packed(rows, self.pad_token_id)
+            not_pad = batch.pop("real_tokens").reshape(-1)
+        else:
+            batch = collate([record for row in rows for record in row], self.pad_token_id)
+            not_pad = batch["attention_mask"].bool().reshape(-1)
         token_mask = not_pad if real else torch.zeros_like(not_pad)
         batch = {k: v.to(self.world.device) for k, v in batch.items()}
         labels = batch.pop("labels")
@@ -196,11 +201,11 @@ class Trainer:
         parts: dict[str, float] = {}
         tokens = 0
         pieces = split_global_batch(global_batch, self.lengths, cfg.micro_batch_size, self.pack_tokens)
-        for piece, indices in pieces_for_rank(pieces, world.world_size, world.rank):
+        for number, piece in pieces_for_rank(pieces, world.world_size, world.rank):
             # Piece k of the global batch holds the same records at any world size
             # (data.split_global_batch); seeding from k gives the same dropout masks too.
-            torch.manual_seed(micro_batch_seed(cfg.seed, self.state.step, piece))
-            inputs, labels, token_mask = self._micro_batch(indices)
+            torch.manual_seed(micro_batch_seed(cfg.seed, self.state.step, number))
+            inputs, labels, token_mask = self._micro_batch(piece)
             lm = model_lm_loss_sum(self.model, inputs, labels, cfg.lm_loss, cfg.loss_chunk_tokens) / global_label_tokens
             share = (labels[:, 1:] != IGNORE_INDEX).sum().item() / global_label_tokens
             terms = {"lm": lm} | {k: v * share for k, v in self.objective.batch_losses(token_mask).items()}

@@ -22,10 +22,13 @@ def test_pieces_do_not_depend_on_the_world_size_and_every_rank_runs_as_many(size
     global_batch = [(3 * i + seed) % 200 for i in range(size)]
     global_batch = list(dict.fromkeys(global_batch))
     pieces = split_global_batch(global_batch, lengths, micro_batch_size, 64 if pack else 0)
-    assert sorted(i for piece in pieces for i in piece) == sorted(global_batch)  # complete, no duplicates
-    assert all(piece for piece in pieces)
-    if not pack:
-        assert [i for piece in pieces for i in piece] == global_batch and max(map(len, pieces)) <= micro_batch_size
+    flat = [i for piece in pieces for row in piece for i in row]
+    assert sorted(flat) == sorted(global_batch)  # complete, no duplicates
+    assert all(piece and len(piece) <= micro_batch_size and all(piece) for piece in pieces)
+    if pack:
+        assert all(sum(lengths[i] for i in row) <= 64 for piece in pieces for row in piece)
+    else:
+        assert flat == global_batch and all(len(row) == 1 for piece in pieces for row in piece)
     per_rank = [pieces_for_rank(pieces, world_size, r) for r in range(world_size)]
     steps = math.ceil(len(pieces) / world_size)
     assert all(len(micro) == steps for micro in per_rank)
@@ -50,12 +53,15 @@ def test_a_record_longer_than_the_budget_is_an_error_naming_it():
         pack_by_tokens([0, 1], [5, 30], 20)
 
 
-def test_collate_packed_restarts_positions_and_masks_each_first_label():
-    records = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
-    batch = collate_packed(records)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+def test_collate_packed_restarts_positions_masks_each_first_label_and_pads_rows_apart():
+    first, second = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}
+    third = {"input_ids": [3, 4], "labels": [3, 4]}
+    batch = collate_packed([[first, second], [third]], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [3, 4, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]  # the padding is a sequence of its own
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 4, -100, -100, -100]]
+    assert batch["real_tokens"].tolist() == [[True] * 5, [True, True, False, False, False]]
+    assert "attention_mask" not in batch
 
 
 def records_of_varied_length(vocab, lengths, seed=0):
@@ -72,10 +78,12 @@ def test_packed_loss_and_every_adapter_gradient_equal_the_padded_ones(tiny_model
     model, adapters = stage1_model(tiny_model_dir, grad_checkpointing=False)
     adapters.eval()  # dropout masks depend on the tensor layout; exactness is about everything else
     records = records_of_varied_length(model.config.vocab_size, [23, 5, 17, 9, 2, 30])
+    rows = [records[:4], records[4:]]  # 54 and 32 tokens: the second row is padded
     results = []
-    for batch in (collate(records, pad_token_id=0), collate_packed(records)):
+    for batch in (collate(records, pad_token_id=0), collate_packed(rows, pad_token_id=0)):
         adapters.zero_grad(set_to_none=True)
         labels = batch.pop("labels")
+        batch.pop("real_tokens", None)
         loss = model_lm_loss_sum(model, batch, labels)
         loss.backward()
         results.append((loss.detach(), adapter_grads(adapters)))
