@@ -53,11 +53,11 @@ def chat_like_records(vocab: int, max_length: int, n: int = 320, seed: int = 0) 
     return records
 
 
-def run(model, records: list[dict], pack_tokens: int, steps: int) -> tuple[float, int, int]:
-    """(seconds, real tokens, micro-batches) for `steps` global batches."""
+def run(model, records: list[dict], pack_tokens: int, steps: int) -> tuple[float, int, int, int]:
+    """(seconds, real tokens, tokens computed (padding included), micro-batches) for `steps` global batches."""
     lengths = [len(r["input_ids"]) for r in records]
     batches = plan_global_batches(lengths, GLOBAL_BATCH, seed=0, epoch=0)[:steps]
-    tokens = micro = 0
+    tokens = computed = micro = 0
     start = time.perf_counter()
     for global_batch in batches:
         n_labels = sum(sum(t != -100 for t in records[i]["labels"][1:]) for i in global_batch)
@@ -69,10 +69,11 @@ def run(model, records: list[dict], pack_tokens: int, steps: int) -> tuple[float
             else:
                 batch = collate([record for row in rows for record in row], pad_token_id=0)
             labels = batch.pop("labels")
+            computed += labels.numel()
             (model_lm_loss_sum(model, batch, labels) / n_labels).backward()
             tokens += sum(len(record["input_ids"]) for row in rows for record in row)
             micro += 1
-    return time.perf_counter() - start, tokens, micro
+    return time.perf_counter() - start, tokens, computed, micro
 
 
 def main() -> None:
@@ -81,7 +82,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pack-tokens", type=int, default=0, help="tokens per packed row (0: max_length, the default)")
+    parser.add_argument("--threads", type=int, default=1, help="1: OpenMP barriers stall when other jobs share the cores")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -98,16 +100,16 @@ def main() -> None:
                 "synthetic chat-like": chat_like_records(len(tokenizer), args.max_length)}
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {len(tokenizer)}; global batch {GLOBAL_BATCH}, "
           f"micro-batch {MICRO_BATCH}, max_length {args.max_length}, {args.steps} steps, {args.threads} threads")
-    print(f"{'data':22} {'mode':7} {'mean len':>8} {'micro-batches':>13} {'tokens/s':>9} {'speed-up':>8}")
+    print(f"{'data':22} {'mode':7} {'mean len':>8} {'micro-batches':>13} {'padding':>7} {'tokens/s':>9} {'speed-up':>8}")
     run(model, datasets["sample stage1.jsonl"], 0, 1)  # warm-up
     for name, records in datasets.items():
         mean = sum(len(r["input_ids"]) for r in records) / len(records)
         padded = None
-        for mode, budget in (("padded", 0), ("packed", args.max_length)):
-            seconds, tokens, micro = run(model, records, budget, args.steps)
+        for mode, budget in (("padded", 0), ("packed", args.pack_tokens or args.max_length)):
+            seconds, tokens, computed, micro = run(model, records, budget, args.steps)
             rate = tokens / seconds
             padded = padded or rate
-            print(f"{name:22} {mode:7} {mean:8.0f} {micro:13} {rate:9.0f} {rate / padded:7.2f}x")
+            print(f"{name:22} {mode:7} {mean:8.0f} {micro:13} {1 - tokens / computed:7.1%} {rate:9.0f} {rate / padded:7.2f}x")
 
 
 if __name__ == "__main__":

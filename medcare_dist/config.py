@@ -59,7 +59,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
     seed: int = 42
-    packing: str = "auto"  # auto (on where the model's attention honours packed position_ids) | on | off
+    packing: str = "auto"  # auto (on under flash-attention varlen, where exact) | on (exact or refused) | off
     pack_tokens: int = 0  # tokens per packed row (a micro-batch has micro_batch_size rows); 0: max_length
     lm_loss: str = "chunked"  # chunked (no full logits) | full | liger (CUDA, liger-kernel)
     loss_chunk_tokens: int = 1024  # tokens per LM-head chunk of the chunked loss

@@ -162,13 +162,20 @@ class Trainer:
     # --- one optimizer step ------------------------------------------------------------
 
     def _packing_budget(self) -> int:
-        """Tokens per packed micro-batch, or 0 for padded micro-batches (packing off, or
-        `auto` on a model whose attention would let packed records see each other)."""
+        """Tokens per packed row, or 0 for padded micro-batches.
+
+        auto packs only under a varlen attention (flash_attention_*): sdpa and eager compute a
+        packed row's masked blocks too, and measured on CPU that is slower than padding the
+        length-grouped batches (docs/benchmarks.md). Packing is used only where a probe shows
+        that the model keeps packed records apart; `on` refuses a model where it does not."""
         cfg = self.cfg
+        attn = getattr(self.model.config, "_attn_implementation", None) or "?"
         if cfg.packing == "off":
             return 0
+        if cfg.packing == "auto" and not attn.startswith("flash_attention"):
+            self.log(f"packing off (auto): attention {attn!r} would compute the masked part of packed rows; --packing on packs anyway")
+            return 0
         if not packing_is_exact(self.model, self.adapters):
-            attn = getattr(self.model.config, "_attn_implementation", "?")
             reason = f"{type(self.model).__name__} with attention {attn!r} lets packed records attend to each other"
             if cfg.packing == "on":
                 raise ConfigError(f"packing on: {reason}; use --packing off (or auto)")
