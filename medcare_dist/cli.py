@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write the built-in tiny Qwen2 model and tokenizer (HF format)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain-steps", type=int, default=0, help="a short full-parameter pretraining (CPU: ~0.1 s a step)")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="steps of a short full-parameter pretraining (the quickstart: 150)")
     p.add_argument("--pretrain-data", nargs="+", default=None, help="conversation files (default: data/sample/stage2.jsonl)")
     p.set_defaults(run=_tiny_model)
 
