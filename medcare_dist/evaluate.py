@@ -83,9 +83,6 @@ def answer_candidates(record: ExamRecord) -> list[str]:
     letters = list(record.options)
     if not record.multi:
         return letters
-    if len(letters) > MAX_MULTI_OPTIONS:
-        raise ConfigError(f"record {record.index}: a multiple-answer question with {len(letters)} options "
-                         f"(at most {MAX_MULTI_OPTIONS} for loglik)")
     return ["".join(c) for n in range(1, len(letters) + 1) for c in combinations(letters, n)]
 
 
@@ -217,6 +214,10 @@ def read_files(paths: Sequence[str | Path], s: EvalSettings, fewshot_dev: Sequen
             k += 1
             available = len(pool) if pool is not None else len(records) - 1  # the record itself is excluded
             records = records[:s.limit] if s.limit is not None else records
+            wide = [r.index for r in records if r.multi and len(r.options) > MAX_MULTI_OPTIONS]
+            if wide and "loglik" in s.methods:
+                raise ConfigError(f"{path}: record {wide[0]}: a multiple-answer question with more than {MAX_MULTI_OPTIONS} "
+                                 "options, too many letter sets for loglik (leave loglik out of --methods)")
             if s.num_fewshot > available:
                 raise ConfigError(f"{path}: --num-fewshot {s.num_fewshot} needs more examples than its few-shot source has ({available})")
         out.append((path, fmt, records, pool))

@@ -391,6 +391,11 @@ def test_eval_errors_before_any_work(tmp_path, tiny_model_dir):
     assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert main(["eval", "--model", str(tiny_model_dir), "--num-fewshot", "60"]) == 2  # the sample exam has 60
     assert main(["eval", "--adapter", str(tmp_path)]) == 2  # no adapter_config.json
+    wide = tmp_path / "cmb.json"  # a multiple-answer question with 9 options: 511 letter sets for loglik
+    wide.write_text(json.dumps([{"question": "下列哪些是？", "option": {x: x * 2 for x in "ABCDEFGHI"}, "answer": "AB",
+                                 "question_type": "多项选择题"}], ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cmb.json: record 0: a multiple-answer question with more than 8 options"):
+        ev.run_eval(str(tiny_model_dir), [str(wide)])
 
 
 def test_sample_exam_is_answerable_from_stage1_and_heldout_is_held_out():
