@@ -9,7 +9,7 @@ import sys
 def _tiny_model(args) -> None:
     from .tiny import write_tiny_model
 
-    out = write_tiny_model(args.out, seed=args.seed)
+    out = write_tiny_model(args.out, seed=args.seed, pretrain_steps=args.pretrain_steps, pretrain_files=args.pretrain_data)
     print(f"wrote tiny Qwen2 model and tokenizer to {out}")
 
 
@@ -42,9 +42,29 @@ def _export(args) -> None:
 def _eval(args) -> None:
     from .evaluate import run_eval
 
-    run_eval(args.model, args.data, args.out, batch_size=args.batch_size, max_length=args.max_length,
-             max_new_tokens=args.max_new_tokens, dtype=args.dtype, generate=not args.no_generate,
-             trust_remote_code=args.trust_remote_code)
+    run_eval(args.model, args.data, args.out, adapter=args.adapter, records_dir=args.records,
+             fewshot_dev=args.fewshot_dev or (), dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+             batch_size=args.batch_size, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+             methods=tuple(args.methods), num_fewshot=args.num_fewshot, fewshot_seed=args.seed, limit=args.limit,
+             fmt=args.format)
+
+
+def _eval_table(args) -> None:
+    import json
+    from pathlib import Path
+
+    from .errors import ConfigError, InputNotFoundError
+    from .eval_report import compare_table
+
+    named = []
+    for spec in args.reports:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"{spec!r} is not NAME=REPORT.json")
+        if not Path(path).is_file():
+            raise InputNotFoundError(f"report not found: {path}")
+        named.append((name, json.loads(Path(path).read_text(encoding="utf-8"))))
+    print(compare_table(named))
 
 
 def _plot(args) -> None:
@@ -116,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tiny-model", help="write the built-in tiny Qwen2 model and tokenizer (HF format)")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-steps", type=int, default=0, help="steps of a short full-parameter pretraining (the quickstart: 150)")
+    p.add_argument("--pretrain-data", nargs="+", default=None, help="conversation files (default: data/sample/stage2.jsonl)")
     p.set_defaults(run=_tiny_model)
 
     p = sub.add_parser("preprocess", help="tokenise training data once, ahead of a cluster run")
@@ -144,17 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-only", action="store_true", help="write PEFT adapter(s) instead of merged weights")
     p.set_defaults(run=_export)
 
-    p = sub.add_parser("eval", help="LM loss / perplexity and exam accuracy of any artefact (data-parallel under deepspeed)")
-    p.add_argument("--model", required=True, help="HF model dir or hub name, a prepared stage-2 base, or a stage-1/2 checkpoint")
-    p.add_argument("--data", nargs="+", default=None, help="conversation and/or exam files (default: the sample exam)")
+    p = sub.add_parser("eval", help="exam accuracy on benchmark files and held-out LM loss of any artefact "
+                                     "(data-parallel under deepspeed); docs/evaluation.md")
+    p.add_argument("--model", default=None, help="HF model dir or hub name, a prepared stage-2 base, or a stage-1/2 checkpoint")
+    p.add_argument("--adapter", default=None, help="a PEFT adapter dir (export --adapter-only) on --model (default: its base)")
+    p.add_argument("--data", nargs="+", default=None, help="benchmark and/or conversation files (default: the sample exam)")
+    p.add_argument("--format", default=None, help="force a benchmark format: medcare, medqa, medmcqa, medmcqa0, medmcqa1, "
+                                                  "cmb, cmexam, mmlu, cmmlu, ceval (default: from the fields)")
+    p.add_argument("--methods", nargs="+", default=["loglik", "cloze", "generate", "reference"],
+                   choices=["loglik", "cloze", "generate", "reference"], help="reference: CoT, then the forced answer letter")
+    p.add_argument("--num-fewshot", type=int, default=0, help="solved examples before each question")
+    p.add_argument("--fewshot-dev", nargs="+", default=None,
+                   help="where few-shot examples come from: one file, or one per exam file (default: the same file, minus the record)")
+    p.add_argument("--seed", type=int, default=0, help="few-shot draw")
+    p.add_argument("--limit", type=int, default=None, help="the first N records of each file")
+    p.add_argument("--records", default=None, help="directory for per-record JSONL; a rerun resumes from it")
     p.add_argument("--max-length", type=int, default=2048, help="conversation records are cut here")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward on each rank")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length for the generated-answer accuracy")
-    p.add_argument("--no-generate", action="store_true", help="skip the generated-answer accuracy")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation length (generate, reference; the paper: 1024)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("eval-table", help="eval reports side by side, one row per model")
+    p.add_argument("reports", nargs="+", help="NAME=REPORT.json (written by eval --out)")
+    p.set_defaults(run=_eval_table)
 
     p = sub.add_parser("plot", help="draw a metrics.jsonl (loss, lr, tokens/s, router load) into a PNG")
     p.add_argument("metrics", help="a run's output_dir/metrics.jsonl")

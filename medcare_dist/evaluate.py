@@ -1,469 +1,291 @@
-"""Evaluation of any pipeline artefact: held-out LM loss and multiple-choice exam accuracy.
+"""Evaluation of any pipeline artefact: exam accuracy on benchmark files and held-out LM loss.
 
-    medcare-dist eval --model DIR --data exam.jsonl held_out.jsonl [--out report.json]
-    deepspeed --num_gpus 8 --module medcare_dist eval --model DIR --data ...
+    medcare-dist eval --model DIR --data medqa_test.jsonl cmb_val.json cmmlu/*.csv held_out.jsonl
+    deepspeed --num_gpus 8 --module medcare_dist eval --model DIR --data ... --records runs/eval
 
 `--model` is a plain HF model dir (or hub name), a prepared stage-2 base, a stage-1 or a
-stage-2 checkpoint (`loading.load_trained_model`). Each rank loads the whole model (no
-ZeRO: evaluation holds no optimizer state) and evaluates records rank, rank + W, rank + 2W,
-... of every file; sums are all-reduced and per-record results gathered, so the numbers do
+stage-2 checkpoint (`loading.load_trained_model`); `--adapter DIR` puts a PEFT adapter on a
+plain base. Each rank loads the whole model (no ZeRO: evaluation holds no optimizer state) and
+takes every world_size-th of the records still to do; rows are gathered, so the report does
 not depend on the number of ranks.
 
-A data file is either
+Exam files (`benchmarks.py` reads them) are scored by up to three methods, each a prediction
+per record (a set of letters; correct = exactly the gold set):
 
-- conversations (the training format, `data.py`): the held-out LM loss is the token-weighted
-  mean next-token cross entropy over the trained (assistant) tokens of all records, exactly
-  the training objective's LM part; perplexity = exp(loss);
-- an exam: records `{"question", "options": {"A": ..., "B": ...}, "answer": "B", "subject"?}`
-  (`options` may also be a list, lettered A, B, ... in order). Each question becomes one user
-  turn: the question, one line per option ("A. text"), and an instruction to answer in the
-  form "The answer is X." (English) or "答案为X。" (Chinese, when the question contains CJK
-  characters), rendered with the chat template and its generation prompt. Two accuracies:
+- loglik: the log-likelihood of each answer sentence "The answer is X." / "答案为X。" after
+  the prompt; the best one. A multiple-answer question scores one sentence per non-empty set
+  of its letters ("答案为AC。").
+- cloze: the mean log-probability per token of each option's text as the reply to the
+  question alone (no options shown), the best one: what the model knows, without the
+  letter format (lm-evaluation-harness's "cloze" formulation, token-normalised). It picks one
+  option, so a multiple-answer question is right only when its gold set is that one letter.
+- generate: greedy generation of up to `max_new_tokens`, the letter(s) parsed from its text
+  (`exam_prompts.parse_answer`).
+- reference (the MedCare reference protocol): the same greedy generation (the chain of
+  thought), then "The answer is" / "答案为" appended and one letter forced among the option
+  letters (+100 on their logits); a multiple-answer question repeats the forced step while it
+  chooses new letters.
 
-  * loglik: for every option letter X, score(X) = the sum of the log-probabilities of the
-    tokens of the answer sentence "The answer is X." (or "答案为X。"), tokenised on its own,
-    given the prompt tokens. The prediction is the letter with the highest score (the first
-    in option order on a tie). The sentences differ only in the letter, so this compares the
-    model's probability of each letter where the answer format puts it, as the MedCare
-    reference scores "the letter after the phrase".
-  * generate: greedy decoding (no sampling, no repetition penalty, whatever the model's
-    generation_config says) of at most `max_new_tokens` tokens, stopped at <|im_end|> / EOS;
-    the letter is read from the text by `parse_answer_letter`. A generation that names no
-    option letter scores wrong and is counted as `unparsed`.
+Conversation files (the training format) get the token-weighted next-token cross entropy over
+their trained (assistant) tokens, the training objective's LM part; perplexity = exp(loss).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 import time
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from .data import DataError, build_dataset, collate, data_files
+from .benchmarks import ExamRecord, read_eval_file
+from .data import build_dataset, collate, data_files
+from .errors import ConfigError
+from .eval_records import RecordStore
+from .eval_report import METHODS, average, exam_result, format_table
+from .exam_prompts import ANSWER_PREFIX, answer_sentence, cloze_prompt, exam_prompt, fewshot_examples, parse_answer
+from .exam_scoring import (continuation_logprobs, forced_letters, greedy_generate, letter_token_ids, logits_at,
+                           pad_token_id)
 
-REPORT_FORMAT = "medcare_dist.eval/1"
-ANSWER_SENTENCE = {"en": "The answer is {letter}.", "zh": "答案为{letter}。"}
-INSTRUCTION = {
-    "en": 'Answer with the letter of the correct option, in the form "The answer is X."',
-    "zh": "请选出正确答案，并以“答案为X。”的形式作答。",
-}
+REPORT_FORMAT = "medcare_dist.eval/2"
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_BATCH_SIZE = 8
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-
-# ------------------------------------------------------------------------------ records
-
-
-@dataclass
-class ExamRecord:
-    index: int  # position in its file
-    question: str
-    options: dict[str, str]  # letter -> text, in the file's order
-    answer: str
-    subject: str | None = None
-    lang: str = "en"
-
-
-def is_exam_record(record) -> bool:
-    return isinstance(record, dict) and all(k in record for k in ("question", "options", "answer"))
-
-
-def question_language(question: str) -> str:
-    return "zh" if _CJK.search(question) else "en"
-
-
-def parse_exam_record(record, index: int) -> ExamRecord:
-    """Validate one exam record; raises DataError (without a location) naming the problem."""
-    if not is_exam_record(record):
-        raise DataError("not an exam record (needs 'question', 'options' and 'answer')")
-    question, options, answer = record["question"], record["options"], record["answer"]
-    if not isinstance(question, str) or not question.strip():
-        raise DataError("'question' is not a non-empty string")
-    if isinstance(options, list):
-        options = {chr(ord("A") + i): text for i, text in enumerate(options)}
-    if not isinstance(options, dict) or len(options) < 2:
-        raise DataError("'options' must be an object {letter: text} (or a list) of at least 2 options")
-    clean: dict[str, str] = {}
-    for key, text in options.items():
-        letter = str(key).strip().upper()
-        if not re.fullmatch(r"[A-Z]", letter):
-            raise DataError(f"option key {key!r} is not a single letter A-Z")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"option {letter} is not a non-empty string")
-        if letter in clean:
-            raise DataError(f"option {letter} appears twice")
-        clean[letter] = text.strip()
-    letter = str(answer).strip().upper()
-    if letter not in clean:
-        raise DataError(f"answer {answer!r} is not one of the option letters {', '.join(clean)}")
-    subject = record.get("subject")
-    return ExamRecord(index, question.strip(), clean, letter, str(subject) if subject not in (None, "") else None,
-                      question_language(question))
-
-
-def read_eval_file(path: str | Path) -> tuple[str, list[ExamRecord] | None]:
-    """("exam", records) when the file's first record is an exam question (then all must be),
-    else ("conversations", None): conversation files are read by `data.build_dataset`."""
-    from .data import _raw_records  # the data module's reader: JSON, JSONL and Parquet
-
-    path = Path(path)
-    kind, records = None, []
-    for index, line, raw in _raw_records(path):
-        if isinstance(raw, DataError):
-            raise raw.at(path, index, line)
-        if kind is None:
-            kind = "exam" if is_exam_record(raw) else "conversations"
-            if kind == "conversations":
-                return kind, None
-        try:
-            records.append(parse_exam_record(raw, index))
-        except DataError as err:
-            raise err.at(path, index, line) from None
-    if kind is None:
-        raise DataError("no records", path)
-    return kind, records
-
-
-# ------------------------------------------------------------------------------ prompts
-
-
-def exam_messages(record: ExamRecord) -> list[dict]:
-    lines = [record.question] + [f"{letter}. {text}" for letter, text in record.options.items()]
-    lines.append(INSTRUCTION[record.lang])
-    return [{"role": "user", "content": "\n".join(lines)}]
-
-
-def exam_prompt(tokenizer, record: ExamRecord) -> str:
-    """The chat-template rendering of the question, ending with the generation prompt."""
-    return tokenizer.apply_chat_template(exam_messages(record), tokenize=False, add_generation_prompt=True)
-
-
-def answer_sentence(letter: str, lang: str) -> str:
-    return ANSWER_SENTENCE[lang].format(letter=letter)
-
-
-# ------------------------------------------------------------------------------ parsing
-
-_OPEN = r"[\s*(\[（【\"'“]*"  # what may stand between a phrase and its letter: spaces, **, (, [, quotes
-_LETTER = r"([A-Za-z])(?![A-Za-z])"
-# Phrases naming the answer, by priority: an "answer" phrase wins over an "option" phrase.
-_PHRASES = [
-    # "The answer is B", "Answer: (B)", "answer is **B**"; "答案为B", "答案是：B", "正确答案：（B）"
-    re.compile(r"answer\s*(?:is|:|=)?\s*" + _OPEN + _LETTER, re.IGNORECASE),
-    re.compile(r"答案\s*(?:为|是|应为|应该是|应选|选)?\s*[:：]?" + _OPEN + _LETTER),
-    # "The correct option is C", "choice: C"; "故选C", "应选择B", "选项B"
-    re.compile(r"(?:option|choice)\s*(?:is|:)\s*" + _OPEN + _LETTER, re.IGNORECASE),
-    re.compile(r"(?:选项|选择|选)\s*(?:为|是)?\s*[:：]?" + _OPEN + _LETTER),
-]
-# A reply that starts with a lone letter: "B", "(B)", "B.", "B. Loop diuretic", "B)", "B。".
-_LONE = re.compile(r"^" + _OPEN + r"([A-Z])[\s*)\]）】\"'”]*(?:[.。:：,，)）、]|$)")
-
-
-def parse_answer_letter(text: str, letters: Sequence[str] = "ABCD") -> str | None:
-    """The option letter a generated answer names, or None.
-
-    In order of priority: the first "answer is X" / "answer: X" phrase (English, any case of
-    "answer"), then "答案为X" / "答案是X" / "答案：X" (Chinese), then "option is X" / "choice: X",
-    then "选X" / "选项X" / "选择X"; else a reply that starts with a lone letter ("B", "(B)",
-    "B.", "B. Loop diuretic", "B。"). Only a capital letter that is one of `letters` counts
-    ("the answer is a fever" names none). Full-width letters and punctuation are normalised
-    first. None means the reply names no option: it scores wrong and counts as `unparsed`.
-    """
-    text = unicodedata.normalize("NFKC", text or "")
-    valid = {letter.upper() for letter in letters}
-    for pattern in _PHRASES:
-        for match in pattern.finditer(text):
-            letter = match.group(1)
-            # in English phrases only a capital counts: "the answer is a fever" names no option
-            if letter.isupper() and letter in valid:
-                return letter
-    match = _LONE.match(text.strip())
-    if match and match.group(1) in valid:
-        return match.group(1)
-    return None
-
-
-# ------------------------------------------------------------------------------ scoring
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and position_ids for left-padded rows (positions start at 0
-    at each row's first real token, so padding does not shift the rotary positions)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.as_tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
-@torch.no_grad()
-def continuation_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int,
-                          batch_size: int, device) -> list[float]:
-    """sum_t log p(continuation_t | prompt, continuation_<t) for each (prompt, continuation) pair.
-
-    Rows are left-padded so that every continuation ends at the last position; only the last
-    (longest continuation + 1) positions' logits are computed (`logits_to_keep`)."""
-    scores: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        p_batch, c_batch = prompts[start:start + batch_size], continuations[start:start + batch_size]
-        ids, mask, positions = _left_pad([p + c for p, c in zip(p_batch, c_batch)], pad_id, device)
-        keep = max(len(c) for c in c_batch) + 1
-        try:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-        except TypeError:  # a custom model without logits_to_keep
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -keep:]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [rows, keep, vocab]
-        width = ids.shape[1]
-        for i, cont in enumerate(c_batch):
-            n = len(cont)
-            # token at sequence position p is predicted by the logits at p - 1, kept at index p - 1 - (width - keep)
-            first = width - n - 1 - (width - keep)
-            target = torch.as_tensor(cont, device=logprobs.device)
-            scores.append(float(logprobs[i, first:first + n].gather(-1, target[:, None]).sum()))
-    return scores
-
-
-def score_options(model, tokenizer, records: list[ExamRecord], batch_size: int, device) -> list[dict[str, float]]:
-    """Per record, {letter: log-likelihood of its answer sentence given the prompt}."""
-    prompts, conts, owners = [], [], []
-    for r, record in enumerate(records):
-        prompt_ids = tokenizer(exam_prompt(tokenizer, record), add_special_tokens=False)["input_ids"]
-        for letter in record.options:
-            prompts.append(prompt_ids)
-            conts.append(tokenizer(answer_sentence(letter, record.lang), add_special_tokens=False)["input_ids"])
-            owners.append((r, letter))
-    flat = continuation_logprobs(model, prompts, conts, _pad_id(tokenizer), batch_size, device)
-    out: list[dict[str, float]] = [{} for _ in records]
-    for (r, letter), score in zip(owners, flat):
-        out[r][letter] = score
-    return out
-
-
-def best_option(scores: dict[str, float]) -> str:
-    """The highest-scoring letter; the first in option order on a tie."""
-    return max(scores, key=scores.__getitem__)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    ids = []
-    for token in ("<|im_end|>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
-            ids.append(tid)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, records: list[ExamRecord], batch_size: int, max_new_tokens: int, device) -> list[str]:
-    """Greedy replies (decoded, special tokens dropped) to each record's prompt."""
-    from transformers import GenerationConfig
-
-    pad_id, stops = _pad_id(tokenizer), _stop_ids(tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
-                              eos_token_id=stops, pad_token_id=pad_id, use_cache=True)
-    # Our own copy of the model: drop its generation defaults (sampling, top_p, penalties) so
-    # that nothing but `config` applies.
-    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=pad_id)
-    replies: list[str] = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
-        rows = [tokenizer(exam_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in batch]
-        ids, mask, _ = _left_pad(rows, pad_id, device)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        for row in out[:, ids.shape[1]:]:
-            tokens = row.tolist()
-            for i, t in enumerate(tokens):
-                if t in stops:
-                    tokens = tokens[:i]
-                    break
-            replies.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return replies
-
-
-@torch.no_grad()
-def conversation_loss_sum(model, dataset, indices: list[int], pad_id: int, batch_size: int, device) -> tuple[float, int]:
-    """(sum of next-token cross entropy over the trained tokens, their count) for `indices`."""
-    from .losses import causal_lm_loss_sum
-
-    total, tokens = 0.0, 0
-    for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start:start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += float(causal_lm_loss_sum(logits, batch["labels"]))
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
-    return total, tokens
-
-
-# ------------------------------------------------------------------------------ files
+MAX_MULTI_OPTIONS = 8  # a multiple-answer question's loglik scores 2^n - 1 letter sets
 
 
 @dataclass
 class EvalSettings:
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences per forward
     max_length: int = 2048  # conversation files: records are cut here, as in training
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    generate: bool = True  # the generated-answer accuracy (the slower of the two)
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # greedy generation (generate, reference)
+    methods: tuple[str, ...] = METHODS
+    num_fewshot: int = 0
+    fewshot_seed: int = 0
+    limit: int | None = None  # the first N records of each file
+    fmt: str | None = None  # force a benchmark format (benchmarks.FORMATS)
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-
-def _accuracy_block(rows: list[dict]) -> dict:
-    n = len(rows)
-    ll = sum(r["loglik_choice"] == r["answer"] for r in rows)
-    block = {"records": n, "correct_loglik": ll, "accuracy_loglik": ll / n if n else None}
-    if rows and "generated_choice" in rows[0]:
-        gen = sum(r["generated_choice"] == r["answer"] for r in rows)
-        block |= {"correct_generate": gen, "accuracy_generate": gen / n if n else None,
-                  "unparsed": sum(r["generated_choice"] is None for r in rows)}
-    return block
+    def public(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("rank", "world_size", "device")} | {
+            "methods": list(self.methods)}
 
 
-def evaluate_exam(model, tokenizer, path: Path, records: list[ExamRecord], s: EvalSettings) -> dict:
-    mine = records[s.rank::s.world_size]
-    scores = score_options(model, tokenizer, mine, s.batch_size, s.device)
-    replies = generate_answers(model, tokenizer, mine, s.batch_size, s.max_new_tokens, s.device) if s.generate else None
-    rows = []
-    for k, (record, sc) in enumerate(zip(mine, scores)):
-        row = {"index": record.index, "subject": record.subject, "answer": record.answer,
-               "loglik_choice": best_option(sc), "loglik_scores": {l: round(v, 6) for l, v in sc.items()}}
-        if replies is not None:
-            row["generated"] = replies[k]
-            row["generated_choice"] = parse_answer_letter(replies[k], list(record.options))
-        rows.append(row)
+def answer_candidates(record: ExamRecord) -> list[str]:
+    """What loglik compares: each letter, or for a multiple-answer question each non-empty
+    set of letters (in option order)."""
+    letters = list(record.options)
+    if not record.multi:
+        return letters
+    return ["".join(c) for n in range(1, len(letters) + 1) for c in combinations(letters, n)]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def score_records(model, tokenizer, records: list[ExamRecord], shots: list[list[ExamRecord]], s: EvalSettings) -> list[dict]:
+    """One row per record: its prompt, gold letters and each method's prediction."""
+    prompts = [exam_prompt(tokenizer, r, sh) for r, sh in zip(records, shots)]
+    prompt_ids = [_encode(tokenizer, p) for p in prompts]
+    rows = [{"index": r.index, "subject": r.subject, "gold": r.answer, "multi": r.multi, "prompt": p}
+            for r, p in zip(records, prompts)]
+    pad = pad_token_id(tokenizer)
+    if "loglik" in s.methods:
+        pairs = [(k, c) for k, r in enumerate(records) for c in answer_candidates(r)]
+        flat = continuation_logprobs(model, [prompt_ids[k] for k, _ in pairs],
+                                     [_encode(tokenizer, answer_sentence(c, records[k].lang)) for k, c in pairs],
+                                     pad, s.batch_size, s.device)
+        for k, row in enumerate(rows):
+            scores = {c: round(v, 6) for (j, c), v in zip(pairs, flat) if j == k}
+            best = max(scores, key=scores.__getitem__)  # the first in option order on a tie
+            row["loglik"] = {"scores": scores, "pred": best, "correct": best == row["gold"]}
+    if "cloze" in s.methods:
+        q_ids = [_encode(tokenizer, cloze_prompt(tokenizer, r, sh)) for r, sh in zip(records, shots)]
+        pairs = [(k, x, _encode(tokenizer, text)) for k, r in enumerate(records) for x, text in r.options.items()]
+        flat = continuation_logprobs(model, [q_ids[k] for k, _, _ in pairs], [c for _, _, c in pairs], pad,
+                                     s.batch_size, s.device)
+        for k, row in enumerate(rows):
+            scores = {x: round(v / len(c), 6) for (j, x, c), v in zip(pairs, flat) if j == k}
+            best = max(scores, key=scores.__getitem__)
+            row["cloze"] = {"scores": scores, "pred": best, "correct": best == row["gold"]}
+    if "generate" in s.methods or "reference" in s.methods:
+        generated = greedy_generate(model, tokenizer, prompt_ids, s.batch_size, s.max_new_tokens, s.device)
+        for row, ids, r in zip(rows, generated, records):
+            row["generation"] = tokenizer.decode(ids, skip_special_tokens=True)
+            if "generate" in s.methods:
+                pred = parse_answer(row["generation"], list(r.options), r.multi)
+                pred = "".join(pred) if pred else None
+                row["generate"] = {"pred": pred, "correct": pred == row["gold"]}
+        if "reference" in s.methods:
+            forced_rows, candidates = [], []
+            for p, ids, r in zip(prompt_ids, generated, records):
+                prefix = ("\n" if ids else "") + ANSWER_PREFIX[r.lang]
+                forced_rows.append(p + ids + _encode(tokenizer, prefix))
+                candidates.append(letter_token_ids(tokenizer, prefix, list(r.options)))
+            forced = forced_letters(model, forced_rows, candidates, [r.multi for r in records], pad, s.batch_size, s.device)
+            for row, letters in zip(rows, forced):
+                pred = "".join(letters) if letters else None
+                row["reference"] = {"pred": pred, "correct": pred == row["gold"]}
+    return rows
+
+
+def evaluate_exam(model, tokenizer, path: Path, fmt: str, records: list[ExamRecord], s: EvalSettings,
+                  pool: list[ExamRecord] | None = None, store: RecordStore | None = None, key: str = "",
+                  log: Callable[[str], None] = print) -> dict:
+    """Score this rank's share of the records not in `store`, gather every rank's rows.
+    Few-shot examples come from `pool` (a dev file), else from the whole file minus the record."""
     from . import distributed as dist_utils
 
-    rows = sorted((r for part in dist_utils.gather_objects(rows) for r in part), key=lambda r: r["index"])
-    result = {"path": str(path), "kind": "exam", **_accuracy_block(rows)}
-    subjects = sorted({r["subject"] for r in rows if r["subject"] is not None})
-    if subjects:
-        result["subjects"] = {name: _accuracy_block([r for r in rows if r["subject"] == name]) for name in subjects}
-    result["predictions"] = rows
-    return result
+    wanted = {r.index for r in records}
+    done = {i: row for i, row in (store.done(key) if store is not None else {}).items() if i in wanted}
+    todo = [r for r in records if r.index not in done]
+    if done:
+        log(f"{path}: {len(done)} records already evaluated, {len(todo)} to go")
+    same_file = pool is None
+    pool = read_eval_file(path, s.fmt)[1] if same_file and s.num_fewshot else pool  # not cut by --limit
+    mine = todo[s.rank::s.world_size]
+    new_rows: list[dict] = []
+    for start in range(0, len(mine), s.batch_size):
+        batch = mine[start:start + s.batch_size]
+        shots = [fewshot_examples(r, pool or [], s.num_fewshot, s.fewshot_seed, same_file) for r in batch]
+        rows = score_records(model, tokenizer, batch, shots, s)
+        if store is not None:
+            store.append(key, rows)
+        new_rows += rows
+    gathered = [row for part in dist_utils.gather_objects(new_rows) for row in part]
+    rows = sorted([*done.values(), *gathered], key=lambda r: r["index"])
+    return exam_result(path, fmt, rows, s.methods)
+
+
+@torch.no_grad()
+def conversation_loss_sum(model, dataset, indices: list[int], pad_id: int, batch_size: int, device) -> tuple[float, int]:
+    """(sum of next-token cross entropy over the trained tokens, their count) for `indices`.
+    Only the hidden states at labelled positions go through the LM head."""
+    total, tokens = 0.0, 0
+    for start in range(0, len(indices), batch_size):
+        batch = collate([dataset[i] for i in indices[start:start + batch_size]], pad_id)
+        labels = batch["labels"]
+        rows = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        targets = [lab[m.bool()] for lab, m in zip(labels, batch["attention_mask"])]
+        # the token at q (labelled) is predicted at q - 1; positions counted in the unpadded row
+        wanted = [[q - 1 for q in range(1, len(t)) if t[q] != -100] for t in targets]
+        for logits, t, w in zip(logits_at(model, rows, wanted, pad_id, device), targets, wanted):
+            gold = t[[q + 1 for q in w]].to(logits.device)
+            total += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
+            tokens += len(w)
+    return total, tokens
 
 
 def evaluate_conversations(model, tokenizer, path: Path, s: EvalSettings) -> dict:
     from . import distributed as dist_utils
 
     dataset, stats = build_dataset([path], tokenizer, s.max_length)
-    indices = list(range(s.rank, len(dataset), s.world_size))
-    loss_sum, tokens = conversation_loss_sum(model, dataset, indices, _pad_id(tokenizer), s.batch_size, s.device)
+    n = len(dataset) if s.limit is None else min(s.limit, len(dataset))
+    indices = list(range(s.rank, n, s.world_size))
+    loss_sum, tokens = conversation_loss_sum(model, dataset, indices, pad_token_id(tokenizer), s.batch_size, s.device)
     loss_sum, tokens = dist_utils.all_reduce_sum([loss_sum, float(tokens)])
     loss = loss_sum / tokens if tokens else float("nan")
-    return {"path": str(path), "kind": "conversations", "records": len(dataset), "truncated": stats.truncated,
+    return {"path": str(path), "kind": "conversations", "records": n, "truncated": stats.truncated,
             "label_tokens": int(tokens), "loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
 
 
-def evaluate(model, tokenizer, paths: Sequence[str | Path], settings: EvalSettings,
+def read_files(paths: Sequence[str | Path], s: EvalSettings, fewshot_dev: Sequence[str | Path] = ()) -> list[tuple]:
+    """[(path, format, records (cut at --limit) or None, few-shot dev pool or None)], every file read and checked
+    before any model work. `fewshot_dev`: one dev file for all exam files, or one per exam file."""
+    files = [(path, *read_eval_file(path, s.fmt)) for path in data_files(list(paths))]
+    exams = [f for f in files if f[1] != "conversations"]
+    if fewshot_dev and len(fewshot_dev) not in (1, len(exams)):
+        raise ConfigError(f"--fewshot-dev gives {len(fewshot_dev)} files for {len(exams)} exam files (give 1 or {len(exams)})")
+    pools = [read_eval_file(p, s.fmt)[1] for p in fewshot_dev]
+    if any(p is None for p in pools):
+        raise ConfigError("a --fewshot-dev file is a conversation file, not an exam")
+    out, k = [], 0
+    for path, fmt, records in files:
+        pool = None
+        if records is not None:
+            pool = (pools[0] if len(pools) == 1 else pools[k]) if pools else None
+            k += 1
+            available = len(pool) if pool is not None else len(records) - 1  # the record itself is excluded
+            records = records[:s.limit] if s.limit is not None else records
+            wide = [r.index for r in records if r.multi and len(r.options) > MAX_MULTI_OPTIONS]
+            if wide and "loglik" in s.methods:
+                raise ConfigError(f"{path}: record {wide[0]}: a multiple-answer question with more than {MAX_MULTI_OPTIONS} "
+                                 "options, too many letter sets for loglik (leave loglik out of --methods)")
+            if s.num_fewshot > available:
+                raise ConfigError(f"{path}: --num-fewshot {s.num_fewshot} needs more examples than its few-shot source has ({available})")
+        out.append((path, fmt, records, pool))
+    return out
+
+
+def evaluate(model, tokenizer, files: list[tuple], settings: EvalSettings, store: RecordStore | None = None,
              log: Callable[[str], None] = print) -> list[dict]:
-    """One result per file (see the module docstring); collective over the process group, if any."""
+    """One result per file of `read_files`; collective over the process group, if any."""
     results = []
-    for path in data_files(list(paths)):
-        kind, records = read_eval_file(path)
+    for position, (path, fmt, records, pool) in enumerate(files):
         t0 = time.perf_counter()
-        if kind == "exam":
-            result = evaluate_exam(model, tokenizer, path, records, settings)
-        else:
+        if records is None:
             result = evaluate_conversations(model, tokenizer, path, settings)
+        else:
+            result = evaluate_exam(model, tokenizer, path, fmt, records, settings, pool, store,
+                                   RecordStore.key(position, path), log)
         result["elapsed_s"] = round(time.perf_counter() - t0, 3)
-        log(f"evaluated {path} ({kind}, {result['records']} records) in {result['elapsed_s']:.1f} s")
+        log(f"evaluated {path} ({fmt}, {result['records']} records) in {result['elapsed_s']:.1f} s")
         results.append(result)
     return results
 
 
-# ------------------------------------------------------------------------------ report
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def format_table(report: dict) -> str:
-    """The report as a fixed-width text table: one row per file, one per subject under it."""
-    header = ("file / subject", "records", "loss", "ppl", "acc_loglik", "acc_generate", "unparsed")
-    rows = [header]
-    for result in report["files"]:
-        name = Path(result["path"]).name
-        if result["kind"] == "conversations":
-            rows.append((name, str(result["records"]), _fmt(result["loss"]), _fmt(result["perplexity"], 2), "-", "-", "-"))
-            continue
-        rows.append((name, str(result["records"]), "-", "-", _fmt(result["accuracy_loglik"]),
-                     _fmt(result.get("accuracy_generate")), _fmt(result.get("unparsed"))))
-        for subject, block in result.get("subjects", {}).items():
-            rows.append((f"  {subject}", str(block["records"]), "", "", _fmt(block["accuracy_loglik"]),
-                         _fmt(block.get("accuracy_generate")), _fmt(block.get("unparsed"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
-
-
 def build_report(model_path: str, artefact: str, dtype: torch.dtype, settings: EvalSettings, results: list[dict],
                  elapsed_s: float) -> dict:
-    return {
-        "format": REPORT_FORMAT,
-        "model": str(model_path),
-        "artefact": artefact,
-        "dtype": str(dtype).replace("torch.", ""),
-        "world_size": settings.world_size,
-        "settings": {"batch_size": settings.batch_size, "max_length": settings.max_length,
-                     "max_new_tokens": settings.max_new_tokens, "generate": settings.generate,
-                     "loglik_continuation": ANSWER_SENTENCE},
-        "files": results,
-        "elapsed_s": round(elapsed_s, 3),
-    }
+    return {"format": REPORT_FORMAT, "model": str(model_path), "artefact": artefact,
+            "dtype": str(dtype).replace("torch.", ""), "world_size": settings.world_size,
+            "settings": settings.public(), "files": results, "average": average(results, settings.methods),
+            "elapsed_s": round(elapsed_s, 3)}
 
 
-def run_eval(model_path: str, data: Sequence[str] | None = None, out: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-             max_length: int = 2048, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, dtype: str = "auto",
-             generate: bool = True, trust_remote_code: bool = False, timeout_minutes: float = 30.0) -> dict | None:
-    """The `medcare-dist eval` command: join the process group (a world of one without a
-    launcher), load the artefact on every rank, evaluate, write and print the report on rank 0.
-    Returns the report on rank 0, None elsewhere."""
+def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str | None = None, *,
+             adapter: str | None = None, records_dir: str | None = None, fewshot_dev: Sequence[str] = (),
+             dtype: str = "auto", trust_remote_code: bool = False, timeout_minutes: float = 30.0,
+             **settings) -> dict | None:
+    """The `medcare-dist eval` command: read and check every file, join the process group (a
+    world of one without a launcher), load the artefact on every rank, evaluate, write and
+    print the report on rank 0. `settings` are EvalSettings fields. Returns the report on
+    rank 0, None elsewhere."""
     from . import distributed as dist_utils
-    from .artefacts import describe
-    from .errors import ConfigError, InputNotFoundError
-    from .loading import load_trained_model
+    from .eval_model import check_model_args, load_eval_model
     from .model import resolve_dtype
 
-    if batch_size < 1 or max_new_tokens < 0 or max_length < 2:
-        raise ConfigError(f"bad settings: batch_size={batch_size}, max_new_tokens={max_new_tokens}, max_length={max_length}")
+    s = EvalSettings(**settings)
+    bad = [m for m in s.methods if m not in METHODS]
+    if bad or not s.methods:
+        raise ConfigError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)})")
+    if s.batch_size < 1 or s.max_new_tokens < 0 or s.max_length < 2 or s.num_fewshot < 0 or (s.limit or 1) < 1:
+        raise ConfigError(f"bad settings: {s.public()}")
+    if s.max_new_tokens == 0:  # nothing to generate: the scoring methods only
+        s.methods = tuple(m for m in s.methods if m in ("loglik", "cloze")) or ("loglik",)
     if not data:
         from .tiny import SAMPLE_DIR
 
         if not (SAMPLE_DIR / "exam.jsonl").is_file():
             raise ConfigError("no --data given (and the sample exam of a source checkout is not here)")
         data = [str(SAMPLE_DIR / "exam.jsonl")]
-    files = data_files(list(data))
-    for path in files:  # bad input fails before the process group and the model load
-        if not path.is_file():
-            raise InputNotFoundError(f"data file not found: {path}")
-    if not Path(model_path).is_dir() and (Path(model_path).exists() or str(model_path).startswith((".", "/"))):
-        raise InputNotFoundError(f"model directory not found: {model_path}")
-    artefact = describe(model_path)  # "hf" for a hub name
+    # bad input fails before the process group and the model load
+    files = read_files(data, s, fewshot_dev)
+    model_path, kind = check_model_args(model_path, adapter)
     torch_dtype = resolve_dtype(dtype)
+    store = None
+    if records_dir:
+        run_info = {"model": model_path, "adapter": adapter, "dtype": str(torch_dtype),
+                    "files": [str(f[0]) for f in files], "fewshot_dev": [str(p) for p in fewshot_dev]} | {
+            k: v for k, v in s.public().items() if k not in ("batch_size", "limit", "max_length")}
+        store = RecordStore(records_dir, run_info)
+        store.check()
     t0 = time.perf_counter()
     world = dist_utils.init_distributed(timeout_minutes)
     try:
@@ -472,16 +294,20 @@ def run_eval(model_path: str, data: Sequence[str] | None = None, out: str | None
             import datasets
 
             datasets.disable_progress_bars()
-        model, tokenizer, adapters = load_trained_model(model_path, torch_dtype, trust_remote_code)
-        model.to(world.device)
-        if adapters is not None:
-            adapters.to(world.device)
-        log(f"eval: {model_path} ({artefact}), {torch_dtype}, {world.world_size} rank(s)")
-        settings = EvalSettings(batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens,
-                                generate=generate and max_new_tokens > 0, rank=world.rank,
-                                world_size=world.world_size, device=world.device)
-        results = evaluate(model, tokenizer, files, settings, log=log)
-        report = build_report(model_path, artefact, torch_dtype, settings, results, time.perf_counter() - t0)
+        model, tokenizer, artefact = load_eval_model(model_path, kind, adapter, torch_dtype, world.device, trust_remote_code)
+        log(f"eval: {model_path} ({artefact}{', adapter ' + str(adapter) if adapter else ''}), {torch_dtype}, "
+            f"{world.world_size} rank(s)")
+        s.rank, s.world_size, s.device = world.rank, world.world_size, world.device
+        if store is not None:
+            store.rank = world.rank
+            dist_utils.barrier()  # every rank has checked run.json before rank 0 writes it
+            if world.is_main:
+                store.prepare(log)
+            dist_utils.barrier()
+        results = evaluate(model, tokenizer, files, s, store, log=log)
+        report = build_report(model_path, artefact, torch_dtype, s, results, time.perf_counter() - t0)
+        if adapter:
+            report["adapter"] = str(adapter)
         if world.is_main:
             if out:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)

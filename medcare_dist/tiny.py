@@ -9,6 +9,7 @@ checkpoint takes.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,6 +29,7 @@ CHATML_TEMPLATE = (
 )
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
+TOKENIZER_CORPUS = ("exam.jsonl", "stage1.jsonl", "stage2.jsonl")  # not heldout.jsonl: it is for evaluation
 
 TINY_CONFIG = dict(
     hidden_size=64,
@@ -64,7 +66,7 @@ def build_tokenizer(corpus_files: Iterable[Path] | None = None, vocab_size: int 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    files = sorted(SAMPLE_DIR.glob("*.jsonl")) if corpus_files is None else list(corpus_files)
+    files = [SAMPLE_DIR / n for n in TOKENIZER_CORPUS] if corpus_files is None else list(corpus_files)
     texts = list(_texts_from_files(files)) + [DEFAULT_SYSTEM_PROMPT, "user", "assistant", "system"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -105,12 +107,54 @@ def build_tiny_model(tokenizer, seed: int = 0):
     return model
 
 
-def write_tiny_model(out_dir: str | Path, seed: int = 0, corpus_files: Iterable[Path] | None = None) -> Path:
-    """Write the tiny model and its tokenizer to `out_dir` in Hugging Face format."""
+def pretrain(model, tokenizer, files: Iterable[Path], steps: int, seed: int = 0, lr: float = 3e-3,
+             batch_size: int = 16, max_length: int = 256, log=print) -> list[float]:
+    """A short full-parameter pretraining (every token of the rendered conversations, AdamW,
+    cosine decay) so that the tiny model is a fluent base rather than random weights.
+    Returns the loss of each step."""
+    import random
+
+    import torch
+
+    from .data import build_dataset, collate
+
+    dataset, _ = build_dataset(list(files), tokenizer, max_length)
+    order = list(range(len(dataset)))
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses, position = [], len(order)
+    for step in range(steps):
+        if position + batch_size > len(order):
+            rng.shuffle(order)
+            position = 0
+        batch = collate([dataset[i] for i in order[position:position + batch_size]], tokenizer.pad_token_id)
+        position += batch_size
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"pretrain step {step + 1}/{steps}: loss {losses[-1]:.4f}")
+    model.eval()
+    return losses
+
+
+def write_tiny_model(out_dir: str | Path, seed: int = 0, corpus_files: Iterable[Path] | None = None,
+                     pretrain_steps: int = 0, pretrain_files: Iterable[Path] | None = None, log=print) -> Path:
+    """Write the tiny model and its tokenizer to `out_dir` in Hugging Face format; with
+    `pretrain_steps`, pretrained on `pretrain_files` (default: the sample stage-2 conversations)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(corpus_files)
     model = build_tiny_model(tokenizer, seed=seed)
+    if pretrain_steps > 0:
+        pretrain(model, tokenizer, pretrain_files or [SAMPLE_DIR / "stage2.jsonl"], pretrain_steps, seed, log=log)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

@@ -572,15 +572,16 @@ def stage2_turns(rng: random.Random, lang: str, c: dict, follow: bool) -> list[d
     return turns
 
 
-def make_stage2(rng: random.Random) -> list[dict]:
+def make_stage2(rng: random.Random, counts: dict = S2_COUNTS, n_follow: int = S2_FOLLOW,
+                n_system: int = S2_SYSTEM) -> list[dict]:
     plan = []
-    for lang, n in S2_COUNTS.items():
+    for lang, n in counts.items():
         order = CONDITIONS[:]
         rng.shuffle(order)
         plan += [(lang, order[i % len(order)]) for i in range(n)]
     rng.shuffle(plan)
-    follow = set(rng.sample(range(len(plan)), S2_FOLLOW))
-    system = set(rng.sample(range(len(plan)), S2_SYSTEM))
+    follow = set(rng.sample(range(len(plan)), n_follow))
+    system = set(rng.sample(range(len(plan)), n_system))
     records = []
     for i, (lang, c) in enumerate(plan):
         head = [msg("system", rng.choice(SYSTEM2[lang]))] if i in system else []
@@ -683,10 +684,21 @@ def validate_turns(turns: list, role_key: str, text_key: str, names: dict) -> No
     assert body == ["user", "assistant"] * (len(body) // 2), roles
 
 
+HELDOUT_COUNTS = {"en": 12, "zh": 8}  # held-out patient conversations, none identical to a stage-2 record
+
+
+def make_heldout(rng: random.Random, training: list[dict]) -> list[dict]:
+    seen = {json.dumps(r, ensure_ascii=False) for r in training}
+    return [r for r in make_stage2(rng, HELDOUT_COUNTS, 4, 4) if json.dumps(r, ensure_ascii=False) not in seen]
+
+
 def validate(out_dir: Path) -> dict:
     """Re-read the written files and check every record; return {file: (records, bytes)}."""
     stats = {}
-    for name in ("stage1.jsonl", "stage2.jsonl", "exam.jsonl"):
+    stage1_text = " ".join(t["value"] for line in (out_dir / "stage1.jsonl").read_text(encoding="utf-8").splitlines()
+                           for t in json.loads(line)["conversations"]).casefold()
+    stage2_lines = set((out_dir / "stage2.jsonl").read_text(encoding="utf-8").splitlines())
+    for name in ("stage1.jsonl", "stage2.jsonl", "exam.jsonl", "heldout.jsonl"):
         path = out_dir / name
         lines = path.read_text(encoding="utf-8").splitlines()
         for line in lines:
@@ -696,13 +708,16 @@ def validate(out_dir: Path) -> dict:
                 text = "".join(t["value"] for t in r["conversations"] if t["from"] != "system")
                 words, han = len(text.split()), sum("\u4e00" <= ch <= "\u9fff" for ch in text)
                 assert (han <= 200) if han else (words <= 120), (words, han, line)
-            elif name == "stage2.jsonl":
+            elif name in ("stage2.jsonl", "heldout.jsonl"):
                 validate_turns(r["messages"], "role", "content", {"system": "system", "user": "user", "assistant": "assistant"})
+                assert name == "stage2.jsonl" or line not in stage2_lines, "a held-out record is a training record"
             else:
                 assert set(r) == {"question", "options", "answer", "subject"}, r
                 assert list(r["options"]) == list("ABCD") and r["answer"] in r["options"], r
                 assert len(set(r["options"].values())) == 4 and all(v.strip() for v in r["options"].values()), r
                 assert r["subject"] in EXAM_QUOTA and r["question"].strip(), r
+                # answerable from the stage-1 knowledge data: the right option's text is said there
+                assert r["options"][r["answer"]].casefold().rstrip(".") in stage1_text, r
         stats[name] = (len(lines), path.stat().st_size)
     return stats
 
@@ -715,8 +730,10 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def main() -> None:
     write_jsonl(OUT_DIR / "stage1.jsonl", make_stage1(random.Random(SEED + 1)))
-    write_jsonl(OUT_DIR / "stage2.jsonl", make_stage2(random.Random(SEED + 2)))
+    stage2 = make_stage2(random.Random(SEED + 2))
+    write_jsonl(OUT_DIR / "stage2.jsonl", stage2)
     write_jsonl(OUT_DIR / "exam.jsonl", make_exam(random.Random(SEED + 3)))
+    write_jsonl(OUT_DIR / "heldout.jsonl", make_heldout(random.Random(SEED + 4), stage2))
     for name, (count, size) in validate(OUT_DIR).items():
         print(f"{name}: {count} records, {size} bytes")
 
