@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from medcare_dist.data import plan_global_batches
+from medcare_dist.batching import plan_global_batches
 from medcare_dist.losses import orthogonal_penalty
 from medcare_dist.recipe import build_trainer, config_from_argv
 from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters

@@ -5,9 +5,9 @@
 Two data sets: the project's sample stage-1 data (data/sample/stage1.jsonl, chat-templated
 with the tiny tokenizer), and a synthetic chat-like mix (log-normal lengths, median 180
 tokens, cut at --max-length; a third of each record is prompt, the rest trained). For each,
-both modes run the trainer's own micro-batch path (`data.split_global_batch`, `collate` or
+both modes run the trainer's own micro-batch path (`batching.split_global_batch`, `collate` or
 `collate_packed`, `losses.model_lm_loss_sum`, backward) over the same global batches from
-`data.plan_global_batches` (global batch 16, micro-batch 2: the config defaults; packed rows
+`batching.plan_global_batches` (global batch 16, micro-batch 2: the config defaults; packed rows
 of up to max_length tokens, the trainer's default). tokens/s counts real
 (non-pad) tokens only. One process, no DeepSpeed; the model is the tiny Qwen2's shape widened
 to --hidden (random init, fp32) with the stage-1 adapters attached.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from medcare_dist.config import TrainConfig  # noqa: E402
-from medcare_dist.data import collate, collate_packed, plan_global_batches, split_global_batch  # noqa: E402
+from medcare_dist.batching import collate, collate_packed, plan_global_batches, split_global_batch  # noqa: E402
 from medcare_dist.losses import model_lm_loss_sum  # noqa: E402
 from medcare_dist.stage1 import stage1_adapters  # noqa: E402
 from medcare_dist.tiny import TINY_CONFIG, build_tokenizer  # noqa: E402

@@ -44,13 +44,14 @@ from typing import Callable, Sequence
 import torch
 
 from .benchmarks import ExamRecord, read_eval_file
-from .data import build_dataset, collate, data_files
+from .batching import collate
+from .chat import pad_token_id
+from .data import build_dataset, data_files
 from .errors import ConfigError
 from .eval_records import RecordStore
 from .eval_report import METHODS, average, exam_result, format_table
 from .exam_prompts import ANSWER_PREFIX, answer_sentence, cloze_prompt, exam_prompt, fewshot_examples, parse_answer
-from .exam_scoring import (continuation_logprobs, forced_letters, greedy_generate, letter_token_ids, logits_at,
-                           pad_token_id)
+from .exam_scoring import continuation_logprobs, forced_letters, greedy_generate, letter_token_ids, logits_at
 
 REPORT_FORMAT = "medcare_dist.eval/2"
 DEFAULT_MAX_NEW_TOKENS = 32

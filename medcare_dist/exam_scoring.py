@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 
+from .chat import pad_token_id
 from .errors import ConfigError
 
 FORCE_BIAS = 100.0  # added to the option letters' logits in the forced step, as the reference does
@@ -69,10 +70,6 @@ def stop_token_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()

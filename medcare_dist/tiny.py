@@ -116,7 +116,8 @@ def pretrain(model, tokenizer, files: Iterable[Path], steps: int, seed: int = 0,
 
     import torch
 
-    from .data import build_dataset, collate
+    from .batching import collate
+    from .data import build_dataset
 
     dataset, _ = build_dataset(list(files), tokenizer, max_length)
     order = list(range(len(dataset)))

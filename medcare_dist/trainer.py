@@ -8,12 +8,12 @@ Exactness by construction:
 - each rank divides its summed token loss by the label-token count of the *global* batch,
   so the summed gradient equals the single-process gradient at any world size;
 - a global batch is cut into micro-batches that do not depend on the world size
-  (`data.split_global_batch`: fixed-size runs, or token-budget packs), rank r runs pieces
+  (`batching.split_global_batch`: fixed-size runs, or token-budget packs), rank r runs pieces
   r, r + W, ..., and a rank with fewer pieces runs an empty, zero-weight one;
 - the RNG (LoRA dropout) is reseeded for every micro-batch from (seed, step, piece
   number), so a resumed run replays the same randomness without saving RNG state, on any
   number of ranks;
-- batches come from a seeded plan (`data.plan_global_batches`), so the data position is
+- batches come from a seeded plan (`batching.plan_global_batches`), so the data position is
   just (epoch, batch index).
 """
 
@@ -33,8 +33,8 @@ from .adapter_set import AdapterSet
 from .artefacts import adapter_digest
 from .checkpoint import CheckpointError, TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .data import (IGNORE_INDEX, DataError, collate, collate_packed, pieces_for_rank, plan_global_batches,
-                   split_global_batch)
+from .batching import collate, collate_packed, pieces_for_rank, plan_global_batches, split_global_batch
+from .data import IGNORE_INDEX, DataError
 from .launchers import World
 from .losses import model_lm_loss_sum
 from .model import base_checksum, trainable_parameters
@@ -204,7 +204,7 @@ class Trainer:
         pieces = split_global_batch(global_batch, self.lengths, cfg.micro_batch_size, self.pack_tokens)
         for number, piece in pieces_for_rank(pieces, world.world_size, world.rank):
             # Piece k of the global batch holds the same records at any world size
-            # (data.split_global_batch); seeding from k gives the same dropout masks too.
+            # (batching.split_global_batch); seeding from k gives the same dropout masks too.
             torch.manual_seed(micro_batch_seed(cfg.seed, self.state.step, number))
             inputs, labels, token_mask = self._micro_batch(piece)
             lm = model_lm_loss_sum(self.model, inputs, labels, cfg.lm_loss, cfg.loss_chunk_tokens) / global_label_tokens

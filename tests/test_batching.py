@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medcare_dist.data import collate, collate_packed, pack_by_tokens, pieces_for_rank, split_global_batch
+from medcare_dist.batching import collate, collate_packed, pack_by_tokens, pieces_for_rank, split_global_batch
 from medcare_dist.losses import model_lm_loss_sum
 from medcare_dist.trainer import packing_is_exact
 from test_losses import adapter_grads, assert_relative_close

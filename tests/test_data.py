@@ -15,17 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medcare_dist.chat import IGNORE_INDEX, ChatTemplateError, tokenize_conversation
-from medcare_dist.data import (
-    MANIFEST_NAME,
-    DataError,
-    build_dataset,
-    collate,
-    load_dataset_for_training,
-    normalize_record,
-    plan_global_batches,
-    preprocess,
-    read_records,
-)
+from medcare_dist.batching import collate, plan_global_batches
+from medcare_dist.data import (MANIFEST_NAME, DataError, build_dataset, load_dataset_for_training, normalize_record, preprocess,
+                               read_records)
 from medcare_dist.tiny import DEFAULT_SYSTEM_PROMPT, build_tokenizer
 
 SYSTEM = "You are a careful medical assistant."

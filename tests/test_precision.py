@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 from conftest import SAMPLE
 from medcare_dist.adapter_set import adapter_compute_dtype
 from medcare_dist.config import TrainConfig
-from medcare_dist.data import build_dataset, collate
+from medcare_dist.batching import collate
+from medcare_dist.data import build_dataset
 from medcare_dist.losses import model_lm_loss_sum
 from medcare_dist.model import load_frozen_base
 from medcare_dist.stage1 import stage1_adapters

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import SAMPLE, run_launcher, write_stage1_checkpoint
 from medcare_dist.config import TrainConfig
-from medcare_dist.data import build_dataset, collate
+from medcare_dist.batching import collate
+from medcare_dist.data import build_dataset
 from medcare_dist.model import load_frozen_base
 from medcare_dist.losses import causal_lm_loss_sum, orthogonal_penalty
 from medcare_dist.convert import prepare_stage2

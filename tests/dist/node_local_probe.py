@@ -120,7 +120,7 @@ def probe_main(argv: list[str]) -> None:
     import torch.distributed
     from safetensors.torch import save_file
 
-    from medcare_dist.data import plan_global_batches
+    from medcare_dist.batching import plan_global_batches
     from medcare_dist.stage1 import stage1_adapters
     from medcare_dist.node_local import node_id
     from medcare_dist.recipe import build_trainer, config_from_argv

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from collectives import CollectivePatch  # tests/dist, the script's own directory
 
-from medcare_dist.data import plan_global_batches
+from medcare_dist.batching import plan_global_batches
 from medcare_dist.recipe import build_trainer, config_from_argv
 from medcare_dist.losses import orthogonal_penalty
 from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
