@@ -7,7 +7,7 @@ The LM loss has two implementations with the same value and gradient:
 - `model_lm_loss_sum(model, inputs, labels, chunk_tokens)`: runs the model with no logits
   at all (`logits_to_keep` empty), takes the final hidden states, keeps only the positions
   that have a label, and applies the LM head plus cross entropy `chunk_tokens` rows at a
-  time (`ChunkedLinearCrossEntropy`). Peak logit memory is one [chunk_tokens, vocab] fp32
+  time (`ChunkedLinearCrossEntropy`), inside the LM head's own forward. Peak logit memory is one [chunk_tokens, vocab] fp32
   block, whatever the micro-batch size.
 """
 
@@ -68,19 +68,6 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad * grad_loss.to(grad.dtype), None, None, None
 
 
-def final_hidden_states(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The decoder's last hidden states [batch, seq, hidden] from a forward of the whole
-    causal LM that computes no logits (`logits_to_keep` empty). Going through the top-level
-    forward keeps ZeRO-3's per-forward bookkeeping (its hook on the top module) intact."""
-    captured = []
-    handle = model.get_decoder().register_forward_hook(lambda _module, _args, out: captured.append(out[0]))
-    try:
-        model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
-    finally:
-        handle.remove()
-    return captured[-1]
-
-
 def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden rows that predict a label [N, hidden], those labels [N]): position t predicts labels[t + 1]."""
     targets = labels[:, 1:]
@@ -96,6 +83,12 @@ def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tens
     `ChunkedLinearCrossEntropy`. "liger": Liger-Kernel's fused linear cross entropy (CUDA;
     optional dependency). Every rank must call this the same number of times: under ZeRO-3
     the LM head weight is gathered collectively, also for a micro-batch with no label.
+
+    The chunked and fused losses are computed inside the model's own forward, in a hook on the
+    LM head that runs while ZeRO-3 holds the head's weight gathered for that forward (the model
+    itself computes no logits: `logits_to_keep` is empty). So the head is gathered once per
+    micro-batch, by ZeRO-3's own fetch, which under hpZ stays inside the node
+    (ds_configs/zero3_node_local.json); the backward needs no weight at all.
     """
     if impl == "full":
         return causal_lm_loss_sum(model(**inputs).logits, labels)
@@ -103,16 +96,29 @@ def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tens
         raise ValueError(f"lm_loss must be one of {', '.join(LM_LOSS_IMPLS)}, not {impl!r}")
     if getattr(model.config, "final_logit_softcapping", None):
         raise ValueError(f"{type(model).__name__} soft-caps its logits: use lm_loss 'full'")
-    import deepspeed
-
-    hidden, targets = labelled_positions(final_hidden_states(model, inputs), labels)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}'s LM head has a bias: use lm_loss 'full'")
-    with deepspeed.zero.GatheredParameters([head.weight]):  # a no-op for a weight ZeRO-3 does not partition
+    found: dict[str, torch.Tensor] = {}
+
+    def keep_hidden(_module, _args, out):
+        found["hidden"] = out[0]
+
+    def loss_at_head(module, _args, _out):
+        hidden, targets = labelled_positions(found["hidden"], labels)
         if impl == "liger":
-            return _liger_loss_sum(hidden, head.weight, targets)
-        return ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, chunk_tokens)
+            found["loss"] = _liger_loss_sum(hidden, module.weight, targets)
+        else:
+            found["loss"] = ChunkedLinearCrossEntropy.apply(hidden, module.weight, targets, chunk_tokens)
+
+    handles = [model.get_decoder().register_forward_hook(keep_hidden),
+               head.register_forward_hook(loss_at_head, prepend=True)]  # before ZeRO-3 releases the weight
+    try:
+        model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found["loss"]
 
 
 def _liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
