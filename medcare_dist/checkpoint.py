@@ -4,17 +4,24 @@
       checkpoint-STEP/
         adapters.safetensors   every adapter tensor, full (not sharded), fp32
         optimizer.pt           AdamW state (tensors only; loaded with weights_only=True)
-        scheduler.pt           LR scheduler state
-        trainer_state.json     step, data position, world size at save
+        scheduler.pt           LR scheduler state (for reading: a resume rebuilds the schedule from config and step)
+        trainer_state.json     step, data position, world size at save, fp16 loss-scale state
         config.json            the resolved training config
         manifest.json          stage, base model path + fingerprint, adapter layout, versions
       latest                   name of the newest complete checkpoint
+      metrics.jsonl            one record per logged step (reporting.py)
 
 The frozen base is never written: the manifest names it by path and fingerprint. Every rank
 holds the full adapters and identical optimizer state, so rank 0 writes and any number of
 ranks can read. A checkpoint is written under a temporary name and renamed when complete,
 and `latest` is replaced atomically after that, so a crash mid-save leaves the previous
 checkpoint intact and chosen.
+
+Save order, not step number, says which checkpoint is newest: each manifest records
+`save_order` (one more than any other in the dir). After a resume from an older step the new
+checkpoints are the newest even where the abandoned run's have higher step numbers; pruning
+(`keep_last`) and `--resume auto`'s fallback both go by it, and pruning never removes the
+checkpoint just written, which `latest` names.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,12 +46,44 @@ class CheckpointError(ValueError):
     pass
 
 
+RUN_OUTPUTS = ("checkpoint-*", LATEST_FILE, "metrics.jsonl", "tensorboard")  # what a training run leaves in output_dir
+
+
+def previous_run_outputs(output_dir: Path) -> list[Path]:
+    """What an earlier run left in `output_dir` (checkpoints, `latest`, metrics), sorted."""
+    return sorted(p for pattern in RUN_OUTPUTS for p in Path(output_dir).glob(pattern))
+
+
+def check_output_dir(output_dir: Path, resume: str, overwrite: bool) -> None:
+    """A fresh run (no --resume) into a dir holding another run's checkpoints or metrics would
+    mix or destroy them: refuse, before any expensive work, unless --overwrite."""
+    if resume or overwrite:
+        return
+    found = previous_run_outputs(output_dir)
+    if found:
+        listed = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise CheckpointError(
+            f"output_dir {output_dir} holds an earlier run ({listed}): pass --resume auto to continue it, "
+            "choose a new --output_dir, or pass --overwrite to delete it and start again"
+        )
+
+
+def clear_previous_run(output_dir: Path) -> list[str]:
+    """--overwrite: delete what an earlier run left (call on one rank, after the inputs were checked)."""
+    removed = []
+    for p in previous_run_outputs(output_dir):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        removed.append(p.name)
+    return removed
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next global batch
     batch_in_epoch: int = 0  # index of the next global batch within its epoch
     world_size: int = 1  # at save time, for information: resuming on another size is supported
+    grad_scaler: dict = field(default_factory=dict)  # fp16 dynamic loss scale (torch GradScaler state); {} otherwise
 
 
 def base_fingerprint(model_dir: str | Path) -> str:
@@ -90,9 +129,11 @@ def save_checkpoint(
     manifest: dict,
     keep_last: int = 0,
 ) -> Path:
-    """Write checkpoint-STEP atomically and point `latest` at it. Call on one rank only."""
+    """Write checkpoint-STEP atomically and point `latest` at it; then keep the `keep_last`
+    newest by save order (0: all). Call on one rank only."""
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f".checkpoint-{state.step}.tmp"
+    save_order = 1 + max((_save_order(p) for p in list_checkpoints(output_dir)), default=0)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in adapter_tensors.items()}, str(tmp / ADAPTERS_FILE))
@@ -100,32 +141,48 @@ def save_checkpoint(
     torch.save(scheduler_state, tmp / "scheduler.pt")
     _write_json(tmp / "trainer_state.json", asdict(state))
     _write_json(tmp / "config.json", config)
-    _write_json(tmp / MANIFEST_FILE, {**manifest, "step": state.step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    _write_json(tmp / MANIFEST_FILE, {**manifest, "step": state.step, "save_order": save_order, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    replaced = None
+    if final.exists():  # an abandoned run's checkpoint of the same step (resumed from an older one)
+        replaced = output_dir / f".checkpoint-{state.step}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
     os.replace(tmp, final)
     latest_tmp = output_dir / f".{LATEST_FILE}.tmp"
     latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, output_dir / LATEST_FILE)
     _fsync_dir(output_dir)
+    if replaced is not None:
+        shutil.rmtree(replaced)
     if keep_last > 0:
-        for old in list_checkpoints(output_dir)[:-keep_last]:
+        older = [p for p in list_checkpoints(output_dir) if p != final]
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old)
     return final
 
 
+def _save_order(path: Path) -> int:
+    """Position of a checkpoint in its dir's save history (0 for checkpoints that predate it)."""
+    try:
+        return int(read_manifest(path).get("save_order", 0))
+    except (OSError, ValueError):
+        return 0
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary dirs of interrupted saves are ignored)."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and (p / MANIFEST_FILE).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    """Complete checkpoints, oldest first by save order (then step, for checkpoints written
+    before save order was recorded); temporary dirs of interrupted saves are ignored."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and (p / MANIFEST_FILE).exists()]
+    return sorted(found, key=lambda p: (_save_order(p), int(p.name.split("-")[1])))
 
 
 def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """`auto`: the checkpoint `latest` names, else the newest complete one; else a path."""
+    """`auto`: the checkpoint `latest` names, else the newest complete one by save order;
+    else a path."""
     if not resume:
         return None
     if resume != "auto":
@@ -142,6 +199,18 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return complete[-1] if complete else None
 
 
+def checkpoint_identity(path: Path) -> str:
+    """What every rank must see alike of the checkpoint it resumes from: the bytes of its
+    manifest (step, save order, adapter digest) and the names and sizes of its files."""
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file():
+        return "missing"
+    h = hashlib.sha256((path / MANIFEST_FILE).read_bytes())
+    for f in sorted(path.iterdir()):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
 def read_manifest(path: Path) -> dict:
     f = Path(path) / MANIFEST_FILE
     if not f.exists():
@@ -155,7 +224,7 @@ def load_checkpoint(path: Path) -> dict:
     return {
         "adapters": load_file(str(path / ADAPTERS_FILE)),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-        "scheduler": torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"),
         "state": TrainState(**json.loads((path / "trainer_state.json").read_text())),
+        "config": json.loads((path / "config.json").read_text()),
         "manifest": read_manifest(path),
     }

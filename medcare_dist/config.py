@@ -67,6 +67,8 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 0  # 0: keep all checkpoints
     resume: str = ""  # "" | auto | path to a checkpoint
+    resume_override: list[str] = field(default_factory=list)  # training-defining options allowed to differ on resume
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in output_dir
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard]
     timeout_minutes: float = 30.0
 
@@ -90,6 +92,11 @@ class TrainConfig:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.overwrite and self.resume:
+            raise ConfigError(f"--overwrite deletes the checkpoints that --resume {self.resume} would continue from: pass one of them")
+        unknown = [name for name in self.resume_override if name not in _FIELDS]
+        if unknown:
+            raise ConfigError(f"resume_override: unknown option(s) {unknown}; known: {', '.join(sorted(_FIELDS))}")
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:
@@ -106,6 +113,27 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# Options a resume may change freely: where things are, how often to log and save, runtime
+# knobs that leave the numbers unchanged. Every other option defines the training run, and a
+# resume refuses a different value unless it is named in `resume_override`. `model` and `data`
+# are compared by content (base fingerprint, data fingerprint), not by path, so moved files resume.
+RUNTIME_OPTIONS = frozenset({
+    "model", "data", "output_dir", "trust_remote_code", "routed_compute", "grad_checkpointing", "ds_config",
+    "log_every", "save_every", "keep_last", "resume", "resume_override", "overwrite", "report_to", "timeout_minutes",
+})
+
+
+def resume_differences(saved: dict, current: TrainConfig) -> dict[str, tuple]:
+    """Training-defining options whose value in a checkpoint's config differs from `current`'s:
+    {option: (saved, current)}. An option the checkpoint predates counts as its default."""
+    now = current.to_dict()
+    defaults = TrainConfig().to_dict()
+    return {
+        name: (saved.get(name, defaults[name]), now[name])
+        for name in _FIELDS
+        if name not in RUNTIME_OPTIONS and saved.get(name, defaults[name]) != now[name]
+    }
 
 
 def _coerce(name: str, value):

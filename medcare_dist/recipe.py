@@ -8,16 +8,17 @@ input fails before any process group or model load where possible.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .adapter_set import AdapterSet
-from .checkpoint import base_fingerprint, versions
+from .checkpoint import base_fingerprint, check_output_dir, versions
 from .config import ConfigError, TrainConfig, load_config, parse_overrides
 from .model import enable_activation_checkpointing
 from .reporting import check_report_to
-from .trainer import Objective, Trainer
+from .trainer import Objective, Trainer, check_resume_early
 
 
 def config_from_argv(argv: list[str], stage: int) -> TrainConfig:
@@ -58,6 +59,8 @@ def build_trainer(
 
         datasets.disable_progress_bars()
     check_report_to(cfg.report_to)
+    check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
+    check_resume_early(cfg, base_fingerprint(cfg.model))  # a resume with changed training options fails here, in seconds
     manifest_extra = check_inputs(cfg) if check_inputs else {}
     dtype = resolve_dtype(cfg.dtype)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)

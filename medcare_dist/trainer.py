@@ -17,6 +17,7 @@ Exactness by construction:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,8 +28,11 @@ import torch
 
 from . import distributed as dist_utils
 from .adapter_set import AdapterSet
-from .checkpoint import CheckpointError, TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import (
+    CheckpointError, TrainState, checkpoint_identity, clear_previous_run, find_resume_checkpoint, load_checkpoint, read_manifest,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig, resume_differences
 from .data import collate, micro_batches_for_rank, plan_global_batches
 from .distributed import World
 from .losses import causal_lm_loss_sum
@@ -72,6 +76,92 @@ def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def data_fingerprint(lengths, label_tokens) -> str:
+    """Identity of the training data as the batch plan and the loss see it: the number of
+    records and each record's token and label-token count (what a resume must find unchanged;
+    cheap, unlike hashing every token)."""
+    return hashlib.sha256(json.dumps([list(lengths), list(label_tokens)]).encode()).hexdigest()[:16]
+
+
+def grad_scaler(cfg: TrainConfig, device: torch.device) -> "torch.amp.GradScaler":
+    """Dynamic loss scaling for fp16 (a no-op scaler otherwise). The loss is divided by the
+    global token count before backward, so unscaled fp16 gradients underflow through the base's
+    fp16 activations. Settings come from the DeepSpeed config's fp16 section, as DeepSpeed
+    names them: initial_scale_power (default 16) and loss_scale_window (steps without
+    overflow before the scale doubles, default 1000); an overflow skips the optimizer step and
+    halves the scale."""
+    enabled = cfg.dtype == "fp16"
+    fp16 = json.loads(Path(cfg.ds_config).read_text()).get("fp16", {}) if enabled else {}
+    if enabled and fp16.get("loss_scale", 0) not in (0, "auto"):
+        raise ConfigError(f"{cfg.ds_config}: fp16.loss_scale {fp16['loss_scale']} (static) is not supported: remove it for dynamic loss scaling")
+    return torch.amp.GradScaler(
+        device.type, init_scale=2.0 ** fp16.get("initial_scale_power", 16), growth_interval=int(fp16.get("loss_scale_window", 1000)),
+        enabled=enabled,
+    )
+
+
+def agreed_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from, picked by rank 0 (find_resume_checkpoint); every rank
+    checks that it sees the same one (same manifest, same files), so that ranks on different
+    filesystems cannot resume from different states. Call on every rank."""
+    choice = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        try:
+            path = find_resume_checkpoint(Path(output_dir), resume)
+            choice = {"path": None if path is None else str(path), "identity": None if path is None else checkpoint_identity(path)}
+        except CheckpointError as err:
+            choice = {"error": str(err)}
+    choice = dist_utils.gather_objects(choice)[0]
+    if "error" in choice:
+        raise CheckpointError(choice["error"])
+    path = None if choice["path"] is None else Path(choice["path"])
+    seen = dist_utils.gather_objects(None if path is None else checkpoint_identity(path))
+    differ = [f"rank {r} sees {v}" for r, v in enumerate(seen) if v != choice["identity"]]
+    if differ:
+        raise CheckpointError(
+            f"rank 0 resumes from {path} (identity {choice['identity']}) but {', '.join(differ)}: every rank must "
+            "see the same output_dir (a shared filesystem, or the same copy on every node)"
+        )
+    return path
+
+
+def check_resumable(path: Path, saved_config: dict, saved_manifest: dict, cfg: TrainConfig, current: dict,
+                    log: Callable[[str], None] = print) -> None:
+    """A checkpoint may be resumed by this run: same stage and (where `current` has them)
+    base and data fingerprints, and the same training-defining options, except those named
+    in cfg.resume_override (logged). Otherwise a CheckpointError listing every difference."""
+    for key in ("stage", "base_fingerprint"):
+        if key in current and saved_manifest.get(key) != current[key]:
+            raise CheckpointError(f"cannot resume from {path}: its {key} is {saved_manifest.get(key)!r}, this run's is {current[key]!r}")
+    diffs = resume_differences(saved_config, cfg)
+    if "data_fingerprint" in current and saved_manifest.get("data_fingerprint", current["data_fingerprint"]) != current["data_fingerprint"]:
+        diffs["data"] = (f"{saved_manifest.get('num_records')} records, fingerprint {saved_manifest['data_fingerprint']}",
+                         f"{current['num_records']} records, fingerprint {current['data_fingerprint']}")
+    allowed = {k: v for k, v in diffs.items() if k in cfg.resume_override}
+    refused = {k: v for k, v in diffs.items() if k not in allowed}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
+        raise CheckpointError(
+            f"cannot resume from {path}: training options differ from the checkpoint's ({listed}); resume with the "
+            f"checkpoint's values, or accept the change with --resume_override {','.join(sorted(refused))}"
+        )
+    if allowed:
+        log("resuming with changed option(s) (resume_override): " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(allowed.items())))
+
+
+def check_resume_early(cfg: TrainConfig, base_fingerprint: str) -> None:
+    """Before any expensive work: the checkpoint a resume would pick (as this rank sees the
+    output dir) fits this config. The trainer checks again, data included, on the checkpoint
+    all ranks agree on."""
+    if not cfg.resume:
+        return
+    path = find_resume_checkpoint(Path(cfg.output_dir), cfg.resume)
+    if path is not None:
+        saved_config = json.loads((path / "config.json").read_text())
+        check_resumable(path, saved_config, read_manifest(path), cfg, {"stage": cfg.stage, "base_fingerprint": base_fingerprint},
+                        log=lambda *_: None)
+
+
 def total_steps(cfg: TrainConfig, num_records: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -99,38 +189,56 @@ class Trainer:
         self.params = trainable_parameters(adapters)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.num_steps = total_steps(cfg, len(dataset))
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.num_steps), num_training_steps=self.num_steps
-        )
+        self.scheduler = self._schedule(last_step=0)
+        self.scaler = grad_scaler(cfg, world.device)
         self.lengths = dataset["length"]
         self.label_tokens = dataset["num_label_tokens"]
+        self.manifest = manifest | {"data_fingerprint": data_fingerprint(self.lengths, self.label_tokens), "num_records": len(dataset)}
         self.state = TrainState(world_size=world.world_size)
         # metrics.jsonl, plus TensorBoard when cfg.report_to asks (checked here, at startup, on every rank)
         self.reporter = MetricsReporter(self.out_dir, cfg.report_to, enabled=world.is_main)
 
     # --- resume ---------------------------------------------------------------------
 
+    def _schedule(self, last_step: int):
+        """The lr schedule (and weight decay) of this run's config, positioned after `last_step`
+        optimizer steps. Rebuilt, not restored, on resume: a changed lr, warmup or length takes
+        effect, and an unchanged one gives the very lr the checkpointed run would have used."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["weight_decay"] = self.cfg.weight_decay
+        return get_cosine_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=math.ceil(self.cfg.warmup_ratio * self.num_steps), num_training_steps=self.num_steps,
+            last_epoch=last_step - 1,
+        )
+
     def maybe_resume(self) -> None:
-        path = find_resume_checkpoint(self.out_dir, self.cfg.resume)
+        if not self.cfg.resume:
+            return
+        path = agreed_resume_checkpoint(self.out_dir, self.cfg.resume)
         if path is None:
-            if self.cfg.resume:
-                self.log(f"--resume {self.cfg.resume}: no complete checkpoint in {self.out_dir}, starting from step 0")
+            self.log(f"--resume {self.cfg.resume}: no complete checkpoint in {self.out_dir}, starting from step 0")
+            self._rewind_metrics(0)
             return
         ckpt = load_checkpoint(path)
-        for key in ("stage", "base_fingerprint"):
-            if ckpt["manifest"].get(key) != self.manifest[key]:
-                raise CheckpointError(
-                    f"cannot resume from {path}: its {key} is {ckpt['manifest'].get(key)!r}, this run's is {self.manifest[key]!r}"
-                )
+        check_resumable(path, ckpt["config"], ckpt["manifest"], self.cfg, self.manifest, self.log)
         self.adapters.load_flat_state_dict(ckpt["adapters"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         saved_world = ckpt["state"].world_size
         self.state = ckpt["state"]
         self.state.world_size = self.world.world_size
+        self.scheduler = self._schedule(last_step=self.state.step)
+        if self.scaler.is_enabled() and self.state.grad_scaler:
+            self.scaler.load_state_dict(self.state.grad_scaler)
+        self._rewind_metrics(self.state.step)
         self.log(f"resumed from {path} at step {self.state.step} (saved by {saved_world} rank(s), now {self.world.world_size})")
+
+    def _rewind_metrics(self, step: int) -> None:
+        dropped = self.reporter.rewind(step)
+        if dropped:
+            self.log(f"metrics.jsonl: dropped {dropped} record(s) past step {step}, logged by the run that is resumed or replaced")
 
     # --- one optimizer step ------------------------------------------------------------
 
@@ -162,7 +270,7 @@ class Trainer:
             share = (batch["labels"][:, 1:] != -100).sum().item() / global_label_tokens
             token_mask = batch["attention_mask"].bool().reshape(-1)
             terms = {"lm": lm} | {k: v * share for k, v in self.objective.batch_losses(token_mask).items()}
-            sum(terms.values()).backward()
+            self.scaler.scale(sum(terms.values())).backward()  # scaled for fp16 only (grad_scaler)
             self.engine.optimizer.partition_all_parameters()  # what ZeRO-3's own optimizer does after backward
             tokens += int(batch["attention_mask"].sum()) if indices else 0
             for k, v in terms.items():
@@ -170,17 +278,22 @@ class Trainer:
         # Every rank adds 1/world of the weight-only terms: their summed gradient counts once.
         step_terms = {k: v / world.world_size for k, v in self.objective.step_losses().items()}
         if step_terms:
-            sum(step_terms.values()).backward()
+            self.scaler.scale(sum(step_terms.values())).backward()
             parts.update({k: float(v.detach()) for k, v in step_terms.items()})
         dist_utils.sum_gradients(self.params)
         return parts, tokens
 
     def train_step(self, global_batch: list[int]) -> StepResult:
         parts, tokens = self.compute_gradients(global_batch)
+        self.scaler.unscale_(self.optimizer)  # gradients are summed over ranks: every rank sees the same overflow
         max_norm = self.cfg.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)  # skipped when a gradient overflowed (fp16)
+        self.scaler.update()
+        if self.scaler.get_scale() < scale:
+            self.log(f"step {self.state.step + 1}: fp16 gradient overflow at loss scale {scale:g}: step skipped, scale now {self.scaler.get_scale():g}")
+        self.scheduler.step()  # in step with the step count, skipped or not: the schedule is a function of the step
         self.optimizer.zero_grad(set_to_none=True)
         names = sorted(parts)
         summed = dist_utils.all_reduce_sum([parts[k] for k in names] + [tokens])
@@ -211,6 +324,7 @@ class Trainer:
         checks = self._check_ranks_agree()
         if checks["base_checksum"] != self.manifest["base_checksum"]:
             raise RuntimeError(f"the frozen base changed during training: checksum {checks['base_checksum']} != {self.manifest['base_checksum']}")
+        self.state.grad_scaler = self.scaler.state_dict()
         if self.world.is_main:
             path = save_checkpoint(
                 self.out_dir,
@@ -231,6 +345,11 @@ class Trainer:
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and self.world.is_main:
+            removed = clear_previous_run(self.out_dir)
+            if removed:
+                self.log(f"--overwrite: deleted the earlier run's {', '.join(removed)} from {self.out_dir}")
+        dist_utils.barrier()
         self.maybe_resume()
         bar = tqdm(total=self.num_steps, initial=self.state.step, disable=not self.world.is_main, desc=f"stage {cfg.stage}", dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
@@ -253,6 +372,7 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": result.grad_norm,
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
                         **self.objective.metrics(),
                     }
                     self._log_metrics(record)
