@@ -176,7 +176,8 @@ def _save_order(path: Path) -> int:
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first by save order (then step, for checkpoints written
     before save order was recorded); temporary dirs of interrupted saves are ignored."""
-    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and (p / MANIFEST_FILE).exists()]
+    found = [p for p in Path(output_dir).glob("checkpoint-*")
+             if p.name[len("checkpoint-"):].isdigit() and p.is_dir() and (p / MANIFEST_FILE).exists()]
     return sorted(found, key=lambda p: (_save_order(p), int(p.name.split("-")[1])))
 
 

@@ -63,6 +63,8 @@ def build_trainer(
     check_resume_early(cfg, base_fingerprint(cfg.model))  # a resume with changed training options fails here, in seconds
     manifest_extra = check_inputs(cfg) if check_inputs else {}
     dtype = resolve_dtype(cfg.dtype)
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise ConfigError("dtype fp16 needs a CUDA GPU: DeepSpeed does not run fp16 on the CPU accelerator; use bf16 or fp32")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record, log=log)
 

@@ -108,13 +108,15 @@ def agreed_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         try:
             path = find_resume_checkpoint(Path(output_dir), resume)
-            choice = {"path": None if path is None else str(path), "identity": None if path is None else checkpoint_identity(path)}
+            # a checkpoint in output_dir is named relative to it: each rank looks in its own output_dir
+            name = None if path is None else path.name if path.parent == Path(output_dir) else str(path)
+            choice = {"path": name, "identity": None if path is None else checkpoint_identity(path)}
         except CheckpointError as err:
             choice = {"error": str(err)}
     choice = dist_utils.gather_objects(choice)[0]
     if "error" in choice:
         raise CheckpointError(choice["error"])
-    path = None if choice["path"] is None else Path(choice["path"])
+    path = None if choice["path"] is None else Path(output_dir) / choice["path"]  # (an absolute path stays itself)
     seen = dist_utils.gather_objects(None if path is None else checkpoint_identity(path))
     differ = [f"rank {r} sees {v}" for r, v in enumerate(seen) if v != choice["identity"]]
     if differ:
@@ -160,6 +162,19 @@ def check_resume_early(cfg: TrainConfig, base_fingerprint: str) -> None:
         saved_config = json.loads((path / "config.json").read_text())
         check_resumable(path, saved_config, read_manifest(path), cfg, {"stage": cfg.stage, "base_fingerprint": base_fingerprint},
                         log=lambda *_: None)
+
+
+def optimizer_step(params, optimizer, scaler, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
+    """Unscale (fp16), clip and apply the summed gradients, then clear them. Returns the
+    gradient norm and whether the step was skipped for an overflow (the scale then halves).
+    The gradients are already summed over ranks, so every rank makes the same decision."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skipped when a gradient is inf or nan
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, scaler.get_scale() < scale
 
 
 def total_steps(cfg: TrainConfig, num_records: int) -> int:
@@ -285,16 +300,10 @@ class Trainer:
 
     def train_step(self, global_batch: list[int]) -> StepResult:
         parts, tokens = self.compute_gradients(global_batch)
-        self.scaler.unscale_(self.optimizer)  # gradients are summed over ranks: every rank sees the same overflow
-        max_norm = self.cfg.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        scale = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)  # skipped when a gradient overflowed (fp16)
-        self.scaler.update()
-        if self.scaler.get_scale() < scale:
-            self.log(f"step {self.state.step + 1}: fp16 gradient overflow at loss scale {scale:g}: step skipped, scale now {self.scaler.get_scale():g}")
+        grad_norm, skipped = optimizer_step(self.params, self.optimizer, self.scaler, self.cfg.max_grad_norm)
+        if skipped:
+            self.log(f"step {self.state.step + 1}: fp16 gradient overflow: step skipped, loss scale now {self.scaler.get_scale():g}")
         self.scheduler.step()  # in step with the step count, skipped or not: the schedule is a function of the step
-        self.optimizer.zero_grad(set_to_none=True)
         names = sorted(parts)
         summed = dist_utils.all_reduce_sum([parts[k] for k in names] + [tokens])
         return StepResult(losses=dict(zip(names, summed[:-1])), grad_norm=float(grad_norm), tokens=int(summed[-1]))
