@@ -313,3 +313,54 @@ def test_a_stale_jit_lock_is_cleared_and_a_held_one_is_reported(tmp_path):
     young.write_text("")
     # the holder was killed holding its lock: that one is stale now; the young one is left alone
     assert clear_stale_locks(tmp_path, log=notes.append) == [held] and young.exists()
+
+
+@pytest.mark.distributed
+def test_through_the_launcher_a_stale_jit_lock_is_cleared_and_a_stopped_rank_is_named(tiny_model_dir, tmp_path):
+    """deepspeed --num_gpus 2: the shared-memory comm op's build dir holds a lock left by a killed
+    process (without the fix every rank waits on it forever); then rank 1 is SIGSTOPped mid-run."""
+    from medcare_dist.jit_lock import extensions_root
+
+    ext = tmp_path / "torch_extensions"
+    if extensions_root().is_dir():  # the op already built: copied, so that no rebuild is needed
+        shutil.copytree(extensions_root(), ext, symlinks=True, ignore=shutil.ignore_patterns("lock"))
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")
+    os.utime(lock, (time.time() - 600, time.time() - 600))
+    out, log_path = tmp_path / "run", tmp_path / "run.log"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/stage1.py", "--model", str(tiny_model_dir),
+           "--data", str(SAMPLE / "stage1.jsonl"), "--output_dir", str(out), "--max_steps", "500", "--log_every", "1",
+           "--global_batch_size", "4", "--micro_batch_size", "2", "--max_length", "64", "--num_experts", "2", "--lora_r", "2",
+           "--timeout_minutes", "10"]
+    env = {**ENV, "TORCH_EXTENSIONS_DIR": str(ext), "MEDCARE_UNRESPONSIVE_S": "10"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        text = log_path.read_text()
+        assert f"removed the stale JIT build lock {lock}" in text and not lock.exists()
+        pids = dict(re.findall(r"(\d+):[^/,\s]+/(\d+)", re.search(r"rank:host/pid (.*)", text).group(1)))
+        victim = int(pids["1"])
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.time()
+        wanted = f"rank 1 (host {socket.gethostname()}, pid {victim}) has not answered for"
+        while wanted not in log_path.read_text():
+            assert time.time() < stopped_at + 120, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        named_after = time.time() - stopped_at
+        while "exiting with status 3 because rank 1 failed" not in log_path.read_text():  # rank 0, after its grace
+            assert time.time() < stopped_at + 180, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left (nothing, when the launcher ended the job)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert named_after < 10 + 60, named_after  # the limit plus slack for these 2 busy cores; the collective timeout is 600 s
+    print(f"rank 1 named {named_after:.1f} s after SIGSTOP")

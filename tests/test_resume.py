@@ -108,3 +108,39 @@ def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_p
     assert find_resume_checkpoint(tmp_path, "auto").name == "checkpoint-3"
     (tmp_path / "latest").write_text("checkpoint-9\n")  # latest naming something incomplete is never trusted
     assert find_resume_checkpoint(tmp_path, "auto").name == "checkpoint-3"
+
+
+@pytest.mark.distributed
+def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_one_record_per_step(uninterrupted, tiny_model_dir, tmp_path):
+    """The finished run's dir (checkpoints 8 and 12, metrics of steps 1-12) resumed from
+    checkpoint-8 on one rank, with a new lr and length accepted by --resume_override."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    out = tmp_path / "older"
+    shutil.copytree(uninterrupted, out)
+    run_launcher(stage1_cmd(tiny_model_dir, out, 1, 29645, "--resume", str(out / "checkpoint-8"), "--resume_override", "lr,max_steps",
+                            "--lr", "1e-3", "--max_steps", "14"), tmp_path / "older.log")
+    log = (tmp_path / "older.log").read_text()
+    assert "resuming with changed option(s) (resume_override): lr: 0.002 -> 0.001; max_steps: 12 -> 14" in log
+    assert "metrics.jsonl: dropped 4 record(s) past step 8" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 15))  # one record per step
+
+    def lrs(lr, steps):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+        sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=steps)  # warmup ceil(0.03 x steps)
+        values = []
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+            values.append(sched.get_last_lr()[0])
+        return values
+
+    logged = [r["lr"] for r in records]
+    assert logged[:8] == pytest.approx(lrs(2e-3, 12)[:8], rel=1e-12)  # the first run's
+    assert logged[8:] == pytest.approx(lrs(1e-3, 14)[8:], rel=1e-12)  # the new lr and length took effect
+    # saves at 12 (replacing the abandoned run's) and 14; keep_last 2 by save order
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-14"]
+    assert (out / "latest").read_text().strip() == "checkpoint-14"
+    replaced = load_file(str(out / "checkpoint-12" / "adapters.safetensors"))
+    assert any(not torch.equal(replaced[n], t) for n, t in final_adapters(uninterrupted).items())
