@@ -94,6 +94,7 @@ class TrainConfig:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.overwrite and self.resume:
             raise ConfigError(f"--overwrite deletes the checkpoints that --resume {self.resume} would continue from: pass one of them")
+        self.resume_override = [n for item in self.resume_override for n in item.split(",") if n]  # `lr,max_steps` or `lr max_steps`
         unknown = [name for name in self.resume_override if name not in _FIELDS]
         if unknown:
             raise ConfigError(f"resume_override: unknown option(s) {unknown}; known: {', '.join(sorted(_FIELDS))}")

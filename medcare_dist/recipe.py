@@ -18,7 +18,8 @@ from .checkpoint import base_fingerprint, check_output_dir, versions
 from .config import ConfigError, TrainConfig, load_config, parse_overrides
 from .model import enable_activation_checkpointing
 from .reporting import check_report_to
-from .trainer import Objective, Trainer, check_resume_early
+from .resume import check_resume_early
+from .trainer import Objective, Trainer
 
 
 def config_from_argv(argv: list[str], stage: int) -> TrainConfig:

@@ -28,16 +28,14 @@ import torch
 
 from . import distributed as dist_utils
 from .adapter_set import AdapterSet
-from .checkpoint import (
-    CheckpointError, TrainState, checkpoint_identity, clear_previous_run, find_resume_checkpoint, load_checkpoint, read_manifest,
-    save_checkpoint,
-)
-from .config import ConfigError, TrainConfig, resume_differences
+from .checkpoint import TrainState, clear_previous_run, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig
 from .data import collate, micro_batches_for_rank, plan_global_batches
 from .distributed import World
 from .losses import causal_lm_loss_sum
 from .model import base_checksum, trainable_parameters
 from .reporting import MetricsReporter
+from .resume import agreed_resume_checkpoint, check_resumable, data_fingerprint
 
 
 class Objective:
@@ -76,13 +74,6 @@ def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def data_fingerprint(lengths, label_tokens) -> str:
-    """Identity of the training data as the batch plan and the loss see it: the number of
-    records and each record's token and label-token count (what a resume must find unchanged;
-    cheap, unlike hashing every token)."""
-    return hashlib.sha256(json.dumps([list(lengths), list(label_tokens)]).encode()).hexdigest()[:16]
-
-
 def grad_scaler(cfg: TrainConfig, device: torch.device) -> "torch.amp.GradScaler":
     """Dynamic loss scaling for fp16 (a no-op scaler otherwise). The loss is divided by the
     global token count before backward, so unscaled fp16 gradients underflow through the base's
@@ -98,70 +89,6 @@ def grad_scaler(cfg: TrainConfig, device: torch.device) -> "torch.amp.GradScaler
         device.type, init_scale=2.0 ** fp16.get("initial_scale_power", 16), growth_interval=int(fp16.get("loss_scale_window", 1000)),
         enabled=enabled,
     )
-
-
-def agreed_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from, picked by rank 0 (find_resume_checkpoint); every rank
-    checks that it sees the same one (same manifest, same files), so that ranks on different
-    filesystems cannot resume from different states. Call on every rank."""
-    choice = None
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        try:
-            path = find_resume_checkpoint(Path(output_dir), resume)
-            # a checkpoint in output_dir is named relative to it: each rank looks in its own output_dir
-            name = None if path is None else path.name if path.parent == Path(output_dir) else str(path)
-            choice = {"path": name, "identity": None if path is None else checkpoint_identity(path)}
-        except CheckpointError as err:
-            choice = {"error": str(err)}
-    choice = dist_utils.gather_objects(choice)[0]
-    if "error" in choice:
-        raise CheckpointError(choice["error"])
-    path = None if choice["path"] is None else Path(output_dir) / choice["path"]  # (an absolute path stays itself)
-    seen = dist_utils.gather_objects(None if path is None else checkpoint_identity(path))
-    differ = [f"rank {r} sees {v}" for r, v in enumerate(seen) if v != choice["identity"]]
-    if differ:
-        raise CheckpointError(
-            f"rank 0 resumes from {path} (identity {choice['identity']}) but {', '.join(differ)}: every rank must "
-            "see the same output_dir (a shared filesystem, or the same copy on every node)"
-        )
-    return path
-
-
-def check_resumable(path: Path, saved_config: dict, saved_manifest: dict, cfg: TrainConfig, current: dict,
-                    log: Callable[[str], None] = print) -> None:
-    """A checkpoint may be resumed by this run: same stage and (where `current` has them)
-    base and data fingerprints, and the same training-defining options, except those named
-    in cfg.resume_override (logged). Otherwise a CheckpointError listing every difference."""
-    for key in ("stage", "base_fingerprint"):
-        if key in current and saved_manifest.get(key) != current[key]:
-            raise CheckpointError(f"cannot resume from {path}: its {key} is {saved_manifest.get(key)!r}, this run's is {current[key]!r}")
-    diffs = resume_differences(saved_config, cfg)
-    if "data_fingerprint" in current and saved_manifest.get("data_fingerprint", current["data_fingerprint"]) != current["data_fingerprint"]:
-        diffs["data"] = (f"{saved_manifest.get('num_records')} records, fingerprint {saved_manifest['data_fingerprint']}",
-                         f"{current['num_records']} records, fingerprint {current['data_fingerprint']}")
-    allowed = {k: v for k, v in diffs.items() if k in cfg.resume_override}
-    refused = {k: v for k, v in diffs.items() if k not in allowed}
-    if refused:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(refused.items()))
-        raise CheckpointError(
-            f"cannot resume from {path}: training options differ from the checkpoint's ({listed}); resume with the "
-            f"checkpoint's values, or accept the change with --resume_override {','.join(sorted(refused))}"
-        )
-    if allowed:
-        log("resuming with changed option(s) (resume_override): " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(allowed.items())))
-
-
-def check_resume_early(cfg: TrainConfig, base_fingerprint: str) -> None:
-    """Before any expensive work: the checkpoint a resume would pick (as this rank sees the
-    output dir) fits this config. The trainer checks again, data included, on the checkpoint
-    all ranks agree on."""
-    if not cfg.resume:
-        return
-    path = find_resume_checkpoint(Path(cfg.output_dir), cfg.resume)
-    if path is not None:
-        saved_config = json.loads((path / "config.json").read_text())
-        check_resumable(path, saved_config, read_manifest(path), cfg, {"stage": cfg.stage, "base_fingerprint": base_fingerprint},
-                        log=lambda *_: None)
 
 
 def optimizer_step(params, optimizer, scaler, max_grad_norm: float) -> tuple[torch.Tensor, bool]:

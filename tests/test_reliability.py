@@ -26,7 +26,8 @@ from medcare_dist.checkpoint import (
 from medcare_dist.config import ConfigError, TrainConfig, resume_differences
 from medcare_dist.jit_lock import clear_stale_locks
 from medcare_dist.reporting import MetricsReporter
-from medcare_dist.trainer import check_resumable, grad_scaler, optimizer_step
+from medcare_dist.resume import check_resumable
+from medcare_dist.trainer import grad_scaler, optimizer_step
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
