@@ -57,10 +57,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from medcare_dist.adapters import lora_scale  # noqa: E402
-from medcare_dist.checkpoint import TrainState, base_fingerprint, save_checkpoint, versions  # noqa: E402
+from medcare_dist.artefacts import KNOWLEDGE_FILE, STAGE2_KIND, base_fingerprint, versions  # noqa: E402
+from medcare_dist.checkpoint import TrainState, save_checkpoint  # noqa: E402
 from medcare_dist.config import TrainConfig  # noqa: E402
 from medcare_dist.hf_io import SIDE_FILES, ShardedWriter, parse_size, weight_files  # noqa: E402
-from medcare_dist.stage2 import KNOWLEDGE_FILE, STAGE2_KIND, check_stage2_base  # noqa: E402
+from medcare_dist.stage2 import check_stage2_base  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5504, 16, 16, 32000
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -226,8 +227,8 @@ def measure(cmd: list[str], log: Path, interval: float = 0.005) -> dict:
 
 
 FLOOR = (
-    "import torch, transformers, deepspeed, medcare_dist.cli, medcare_dist.export, medcare_dist.stage2\n"
-    "from medcare_dist.checkpoint import versions; versions()\n"
+    "import torch, transformers, deepspeed, medcare_dist.cli, medcare_dist.convert\n"
+    "from medcare_dist.artefacts import versions; versions()\n"
 )
 NAIVE = (
     "import sys, torch\nfrom transformers import AutoModelForCausalLM\n"

@@ -1,14 +1,13 @@
 """Stage 1 of MedCare, knowledge aggregation.
 
-    deepspeed --num_gpus 8 launch/stage1.py --config configs/stage1.yaml [--key value ...]
+    deepspeed --num_gpus 8 launch/stage1.py --config launch/configs/stage1_qwen7b.yaml [--key value ...]
 
 Frozen base (ZeRO-3 partitioned); LoRA on attention; a mixture of LoRA experts (shared
 Knowledge Aggregator + routed Noise Aggregator) on every FFN projection.
 """
 
-from medcare_dist.model import stage1_adapters
 from medcare_dist.recipe import main_for_stage
-from medcare_dist.routing import RouterObjective
+from medcare_dist.stage1 import RouterObjective, stage1_adapters
 
 if __name__ == "__main__":
     raise SystemExit(

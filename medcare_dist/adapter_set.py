@@ -11,7 +11,8 @@ submodule of the base model. It is attached with forward hooks on the base Linea
 (`y = base(x) + sum(adapter(x))`), DeepSpeed partitions only the frozen base, and every
 rank holds a full copy of each adapter. Any loss term on adapter weights is then an ordinary
 local autograd expression: no collective, exact gradient. The price is that the adapters'
-gradients must be averaged across ranks by the trainer (see `medcare_dist.distributed`).
+gradients must be summed across ranks by the trainer (`distributed.sum_gradients`; each rank's
+loss is already divided by the global batch's token count).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+
+from .artefacts import adapter_group, adapter_tensor_name
+from .errors import AdapterLayoutError, CheckpointError
 
 _SEP = ":"  # nn.ModuleDict keys may not contain "."; module paths do.
 
@@ -79,35 +83,34 @@ class AdapterSet(nn.Module):
     def flat_state_dict(self) -> dict[str, torch.Tensor]:
         """{"group.target.param": tensor}, e.g. "molora.model.layers.0.mlp.up_proj.ka_A"."""
         return {
-            f"{group}.{target}.{pname}": p.detach()
+            adapter_tensor_name(group, target, pname): p.detach()
             for group, target, adapter in self.items()
             for pname, p in adapter.named_parameters()
         }
 
     def load_flat_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         own = {
-            f"{group}.{target}.{pname}": p
+            adapter_tensor_name(group, target, pname): p
             for group, target, adapter in self.items()
             for pname, p in adapter.named_parameters()
         }
         missing, unexpected = own.keys() - tensors.keys(), tensors.keys() - own.keys()
         if missing or unexpected:
-            raise KeyError(
+            raise AdapterLayoutError(
                 f"adapter weights do not match the adapter layout: missing {sorted(missing)[:5]}, "
                 f"unexpected {sorted(unexpected)[:5]}"
             )
         with torch.no_grad():
             for name, p in own.items():
                 if tensors[name].shape != p.shape:
-                    raise ValueError(f"{name}: shape {tuple(tensors[name].shape)} != expected {tuple(p.shape)}")
+                    raise CheckpointError(f"{name}: shape {tuple(tensors[name].shape)} != expected {tuple(p.shape)}")
                 p.copy_(tensors[name])
 
     def layout(self) -> dict[str, dict[str, list[int]]]:
         """Shapes per tensor, grouped: recorded in manifests so later steps can check inputs."""
         out: dict[str, dict[str, list[int]]] = {}
         for name, tensor in self.flat_state_dict().items():
-            group = name.split(".", 1)[0]
-            out.setdefault(group, {})[name] = list(tensor.shape)
+            out.setdefault(adapter_group(name), {})[name] = list(tensor.shape)
         return out
 
 

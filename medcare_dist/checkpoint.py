@@ -11,7 +11,8 @@
       latest                   name of the newest complete checkpoint
       metrics.jsonl            one record per logged step (reporting.py)
 
-The frozen base is never written: the manifest names it by path and fingerprint. Every rank
+The frozen base is never written: the manifest names it by path and fingerprint (the
+formats, fingerprints and digests: artefacts.py). Every rank
 holds the full adapters and identical optimizer state, so rank 0 writes and any number of
 ranks can read. A checkpoint is written under a temporary name and renamed when complete,
 and `latest` is replaced atomically after that, so a crash mid-save leaves the previous
@@ -26,7 +27,6 @@ checkpoint just written, which `latest` names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,13 +37,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-ADAPTERS_FILE = "adapters.safetensors"
-MANIFEST_FILE = "manifest.json"
+from .artefacts import ADAPTERS_FILE, CONFIG_FILE, MANIFEST_FILE, read_manifest
+from .errors import CheckpointError, OutputExistsError
+
 LATEST_FILE = "latest"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 RUN_OUTPUTS = ("checkpoint-*", LATEST_FILE, "metrics.jsonl", "tensorboard")  # what a training run leaves in output_dir
@@ -62,7 +59,7 @@ def check_output_dir(output_dir: Path, resume: str, overwrite: bool) -> None:
     found = previous_run_outputs(output_dir)
     if found:
         listed = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise CheckpointError(
+        raise OutputExistsError(
             f"output_dir {output_dir} holds an earlier run ({listed}): pass --resume auto to continue it, "
             "choose a new --output_dir, or pass --overwrite to delete it and start again"
         )
@@ -84,27 +81,6 @@ class TrainState:
     batch_in_epoch: int = 0  # index of the next global batch within its epoch
     world_size: int = 1  # at save time, for information: resuming on another size is supported
     grad_scaler: dict = field(default_factory=dict)  # fp16 dynamic loss scale (torch GradScaler state); {} otherwise
-
-
-def base_fingerprint(model_dir: str | Path) -> str:
-    """Cheap identity of an HF model dir: its config plus the names and sizes of its weight
-    files (hashing a 28 GB checkpoint on every save would cost minutes)."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        return f"hub:{model_dir}"
-    h = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
-    for f in sorted(root.glob("model*.safetensors")) + sorted(root.glob("*.bin")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
-def versions() -> dict[str, str]:
-    import deepspeed
-    import transformers
-
-    from . import __version__
-
-    return {"medcare_dist": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
 
 
 def _write_json(path: Path, obj) -> None:
@@ -140,7 +116,7 @@ def save_checkpoint(
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")
     _write_json(tmp / "trainer_state.json", asdict(state))
-    _write_json(tmp / "config.json", config)
+    _write_json(tmp / CONFIG_FILE, config)
     _write_json(tmp / MANIFEST_FILE, {**manifest, "step": state.step, "save_order": save_order, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -200,25 +176,6 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return complete[-1] if complete else None
 
 
-def checkpoint_identity(path: Path) -> str:
-    """What every rank must see alike of the checkpoint it resumes from: the bytes of its
-    manifest (step, save order, adapter digest) and the names and sizes of its files."""
-    path = Path(path)
-    if not (path / MANIFEST_FILE).is_file():
-        return "missing"
-    h = hashlib.sha256((path / MANIFEST_FILE).read_bytes())
-    for f in sorted(path.iterdir()):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
-def read_manifest(path: Path) -> dict:
-    f = Path(path) / MANIFEST_FILE
-    if not f.exists():
-        raise CheckpointError(f"{path}: no {MANIFEST_FILE}; not a medcare_dist artefact")
-    return json.loads(f.read_text())
-
-
 def load_checkpoint(path: Path) -> dict:
     """Everything a resume needs, loaded safely (safetensors; torch.load with weights_only)."""
     path = Path(path)
@@ -226,6 +183,6 @@ def load_checkpoint(path: Path) -> dict:
         "adapters": load_file(str(path / ADAPTERS_FILE)),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
         "state": TrainState(**json.loads((path / "trainer_state.json").read_text())),
-        "config": json.loads((path / "config.json").read_text()),
+        "config": json.loads((path / CONFIG_FILE).read_text()),
         "manifest": read_manifest(path),
     }

@@ -19,18 +19,19 @@ def _preprocess(args) -> None:
     from .data import preprocess
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
-    preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc=args.num_proc)
+    preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc=args.num_proc,
+               control_tokens=args.control_tokens)
     print(f"wrote tokenised dataset to {args.out}")
 
 
 def _prepare_stage2(args) -> None:
-    from .stage2 import prepare_stage2
+    from .convert import prepare_stage2
 
     prepare_stage2(args.stage1, args.out, max_shard_size=args.max_shard_size)
 
 
 def _export(args) -> None:
-    from .export import export_adapter, export_merged
+    from .convert import export_adapter, export_merged
 
     if args.adapter_only:
         export_adapter(args.checkpoint, args.out)
@@ -53,10 +54,63 @@ def _plot(args) -> None:
     print(f"wrote {args.out}")
 
 
+# The training options `plan` reads (from --config FILE and the command line, by their training names).
+PLAN_OPTIONS = ("stage", "micro_batch_size", "max_length", "grad_checkpointing", "dtype", "lora_r", "num_experts", "top_k",
+                "num_shared", "lora_dropout", "routed_compute", "freeze_knowledge", "align_attention", "ds_config")
+
+
+def _plan(args) -> None:
+    import json
+
+    from .config import TrainConfig, load_config
+    from .planner import AdapterLayout, plan
+
+    given = {k: getattr(args, k) for k in PLAN_OPTIONS if getattr(args, k) is not None}
+    if args.model:
+        given["model"] = args.model
+    cfg = load_config(args.config, given, data=["(not read by plan)"])
+    # A ds_config other than the default is planned as given; else plan picks zero3 or zero3_offload.
+    ds_config = cfg.ds_config if "ds_config" in given or cfg.ds_config != TrainConfig.ds_config else None
+    layout = AdapterLayout(
+        stage=cfg.stage, lora_r=cfg.lora_r, num_experts=cfg.num_experts, top_k=cfg.top_k, num_shared=cfg.num_shared,
+        lora_dropout=cfg.lora_dropout, freeze_knowledge=cfg.freeze_knowledge, align_attention=cfg.align_attention,
+        routed_compute=cfg.routed_compute,
+    )
+    dtype = "bf16" if cfg.dtype == "auto" else cfg.dtype  # auto is bf16 on the GPUs planned for
+    result = plan(cfg.model, cfg.stage, args.nodes, args.gpus_per_node, args.gpu_memory, cfg.micro_batch_size, cfg.max_length,
+                  cfg.grad_checkpointing, dtype, layout, args.reserve, ds_config)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.render())
+
+
+def add_plan_parser(subparsers) -> None:
+    """Register `plan` on the `medcare-dist` subcommand parser."""
+    from .config import TrainConfig
+
+    defaults = TrainConfig()
+    p = subparsers.add_parser(
+        "plan", help="GPU memory per rank for a stage-1/2 run, and the ds_config to use",
+        description="The training options are the training run's own (--micro_batch_size, --max_length, "
+                    "--grad_checkpointing, ...; also spelled with dashes), from --config FILE and the command line.")
+    p.add_argument("--model", default=None, help="config.json, a model dir, or a built-in name: Qwen1.5-1.8B, Qwen1.5-7B, "
+                   "Qwen1.5-14B (default: the config's model)")
+    p.add_argument("--config", default=None, help="a training YAML (e.g. launch/configs/stage1_qwen7b.yaml): plan what it runs")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
+    p.add_argument("--reserve", type=float, default=2.0, help="GiB kept for CUDA context, NCCL and fragmentation")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    for name in PLAN_OPTIONS:
+        default = getattr(defaults, name)
+        flag = isinstance(default, bool)
+        spellings = sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=len)
+        p.add_argument(*spellings, dest=name, default=None, nargs="?" if flag else None, const="true" if flag else None,
+                       help=f"training option (default {default})" + ("; a ds_config other than the default is planned as given, "
+                       "else zero3.json or, if that does not fit, zero3_offload.json" if name == "ds_config" else ""))
+    p.set_defaults(run=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
-    # `deepspeed --module medcare_dist eval ...` passes --local_rank=N before the subcommand
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="write the built-in tiny Qwen2 model and tokenizer (HF format)")
@@ -70,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--out", required=True)
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
+    p.add_argument("--control-tokens", choices=["error", "as_text"], default="error",
+                   help="message text that spells a control token (<|im_end|>, ...): refuse the record, or keep it as plain text")
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_preprocess)
@@ -104,19 +160,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("metrics", help="a run's output_dir/metrics.jsonl")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(run=_plot)
-    from .planner import add_plan_parser
-
     add_plan_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
+    from .errors import MedcareError
 
-    args = build_parser().parse_args(argv)
+    from .launchers import without_local_rank
+
+    # `deepspeed --module medcare_dist eval ...` passes --local_rank=N before the subcommand
+    args = build_parser().parse_args(without_local_rank(sys.argv[1:] if argv is None else argv))
     try:
         args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:  # CheckpointError, DataError are ValueErrors
+    except MedcareError as err:
         print(f"medcare-dist {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

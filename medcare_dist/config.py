@@ -7,16 +7,16 @@ resolved config saved in each checkpoint reads as one list.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+from .errors import ConfigError
 
 
 @dataclass
@@ -28,6 +28,7 @@ class TrainConfig:
     output_dir: str = "runs/out"
     max_length: int = 1024
     on_bad_record: str = "error"  # error | skip
+    control_tokens: str = "error"  # error | as_text: message text spelling a control token (<|im_end|>, ...)
     trust_remote_code: bool = False
 
     # adapters (defaults: the MedCare reference)
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ConfigError("data is not set (--data FILE [FILE ...])")
         if self.on_bad_record not in ("error", "skip"):
             raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
+        if self.control_tokens not in ("error", "as_text"):
+            raise ConfigError(f"control_tokens must be 'error' or 'as_text', got {self.control_tokens!r}")
         if self.routed_compute not in ("sparse", "dense"):
             raise ConfigError(f"routed_compute must be 'sparse' or 'dense', got {self.routed_compute!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
@@ -92,6 +95,10 @@ class TrainConfig:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name, ok, wanted in _RANGES:
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+                raise ConfigError(f"{name} must be {wanted}, got {value}")
         if self.overwrite and self.resume:
             raise ConfigError(f"--overwrite deletes the checkpoints that --resume {self.resume} would continue from: pass one of them")
         self.resume_override = [n for item in self.resume_override for n in item.split(",") if n]  # `lr,max_steps` or `lr max_steps`
@@ -137,8 +144,39 @@ def resume_differences(saved: dict, current: TrainConfig) -> dict[str, tuple]:
     }
 
 
+# (option, check, what it must be): range checks beyond the type, all applied at load.
+_RANGES = [
+    ("max_length", lambda v: v >= 2, ">= 2"),
+    ("lora_alpha", lambda v: v > 0, "> 0"),
+    ("lr", lambda v: v > 0, "finite and > 0"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("epochs", lambda v: v > 0, "> 0"),
+    ("max_steps", lambda v: v == -1 or v >= 1, "-1 (use epochs) or >= 1"),
+    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("ortho_lambda", lambda v: v >= 0, "finite and >= 0"),
+    ("router_aux_loss_coef", lambda v: v >= 0, ">= 0"),
+    ("log_every", lambda v: v >= 1, ">= 1"),
+    ("save_every", lambda v: v >= 0, ">= 0 (0: save at the end only)"),
+    ("keep_last", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("timeout_minutes", lambda v: v > 0, "> 0"),
+]
+
+# Options that shape the stage-1 adapters; in stage 2 the prepared base decides them.
+STAGE1_ONLY = ("lora_r", "lora_alpha", "use_rslora", "num_experts", "top_k", "num_shared",
+               "router_aux_loss_coef", "routed_compute")
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _FIELDS, n=1)
+    hint = f"; did you mean {near[0]}?" if near else f"; known: {', '.join(sorted(_FIELDS))}"
+    return ConfigError(f"{where}unknown option {key!r}{hint}")
+
+
 def _coerce(name: str, value):
     """Convert a YAML or command-line value to the type of field `name`."""
+    if value is None:
+        raise ConfigError(f"{name}: empty value; give a value or remove the line")
     kind = typing.get_type_hints(TrainConfig)[name]
     if typing.get_origin(kind) is list:
         items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
@@ -168,7 +206,9 @@ def parse_overrides(args: list[str]) -> dict:
         key, _, inline = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in _FIELDS:
-            raise ConfigError(f"unknown option --{key}; known: {', '.join(sorted(_FIELDS))}")
+            raise _unknown(key, "command line: ")
+        if key in out:
+            raise ConfigError(f"--{key} is given twice; give it once")
         values = [inline] if inline else []
         while not inline and i + 1 < len(args) and not args[i + 1].startswith("--"):
             values.append(args[i + 1])
@@ -186,6 +226,7 @@ def parse_overrides(args: list[str]) -> dict:
 def load_config(path: str | None, overrides: dict | None = None, **defaults) -> TrainConfig:
     """Defaults < YAML file < command-line overrides."""
     merged: dict = dict(defaults)
+    loaded: dict = {}
     if path:
         p = Path(path)
         if not p.is_file():
@@ -193,11 +234,19 @@ def load_config(path: str | None, overrides: dict | None = None, **defaults) -> 
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping of option: value")
-        unknown = set(loaded) - set(_FIELDS)
-        if unknown:
-            raise ConfigError(f"{p}: unknown option(s) {sorted(unknown)}")
+        for key in loaded:
+            if key not in _FIELDS:
+                raise _unknown(key, f"{p}: ")
         merged.update(loaded)
     merged.update(overrides or {})
+    given = set(loaded) | set(overrides or {})
+    stage = defaults.get("stage")
+    if stage is not None and "stage" in given and _coerce("stage", merged["stage"]) != stage:
+        raise ConfigError(f"the config says stage {merged['stage']}, but this is the stage-{stage} launcher")
+    if merged.get("stage") == 2 and given & set(STAGE1_ONLY):
+        decided = ", ".join(sorted(given & set(STAGE1_ONLY)))
+        raise ConfigError(f"stage 2: {decided} cannot be set: the prepared stage-2 base decides the adapter "
+                          "rank and scale (its manifest records them) and stage 2 has no routed experts; remove them")
     return TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()}).validate()
 
 

@@ -1,14 +1,14 @@
-"""Data pipeline: read chat records, tokenise with assistant-only labels, plan batches.
+"""Data pipeline: read chat records, tokenise them (`chat`: assistant-only labels), plan batches.
 
 Records come from JSON (an array of records), JSONL or Parquet files, in one of two shapes:
 
     MedCareData  {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
     OpenAI       {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
 
-Both are normalised to a list of ``{"role", "content"}`` messages and validated. Labels are
-derived from the tokenizer's chat template: every token that starts inside an assistant
-turn's rendered span is trained, everything else is masked with -100. With Qwen's ChatML
-this trains the reply, its ``<|im_end|>`` and the newline after it.
+Both are normalised to a list of ``{"role", "content"}`` messages and validated; text that
+spells a control token (``<|im_end|>``, ...) is refused (``control_tokens="error"``: it could
+forge turns) or kept as plain text (``"as_text"``). Labels: see `chat`. No record or no
+trained token left is an error, never an empty run.
 
 Batches are planned over global indices only (seed, epoch, global batch size), so the
 data order does not depend on the world size; each rank then takes its share of every
@@ -28,12 +28,17 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import datasets
 import torch
 
-IGNORE_INDEX = -100
+from .artefacts import require_empty_dir
+from .chat import (IGNORE_INDEX, ChatTemplateError, check_tokenizer, control_token_strings, find_control_token,
+                   tokenize_conversation, tokenizer_fingerprint)
+from .errors import InputNotFoundError, MedcareError
+
 MANIFEST_NAME = "medcare_data.json"
-MANIFEST_FORMAT = "medcare_dist.data/1"
+MANIFEST_FORMAT = "medcare_dist.data/2"  # 2: control-token text checked, replies located in the whole rendering
 DATASET_SUBDIR = "tokenized"
 LENGTH_GROUP_BATCHES = 16  # global batches per chunk that is sorted by length
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
+CONTROL_TOKEN_MODES = ("error", "as_text")
 
 # Per record shape: the conversation key, the role key, the content key, role names.
 SHAPES = {
@@ -52,24 +57,26 @@ FEATURES = datasets.Features(
 )
 
 
-class DataError(ValueError):
+def location(path: str | Path | None, index: int | None = None, line: int | None = None) -> str:
+    """'FILE: record I (line L)', or as much of it as is known."""
+    where = [str(path)] if path is not None else []
+    if index is not None:
+        where.append(f"record {index}" + (f" (line {line})" if line is not None else ""))
+    return ": ".join(where)
+
+
+class DataError(MedcareError):
     """A data file or one of its records is unusable; the message says where and why."""
 
     def __init__(self, reason: str, path: str | Path | None = None, index: int | None = None,
                  line: int | None = None):
         self.reason, self.path, self.index, self.line = reason, path, index, line
-        where = [str(path)] if path is not None else []
-        if index is not None:
-            where.append(f"record {index}" + (f" (line {line})" if line is not None else ""))
-        super().__init__(": ".join(where + [reason]))
+        where = location(path, index, line)
+        super().__init__(f"{where}: {reason}" if where else reason)
 
     def at(self, path: str | Path, index: int, line: int | None = None) -> "DataError":
         """The same reason, located in a file."""
         return DataError(self.reason, path, index, line)
-
-
-class ChatTemplateError(ValueError):
-    """The tokenizer's chat template cannot locate assistant turns by rendering prefixes."""
 
 
 @dataclass
@@ -99,8 +106,9 @@ class DataStats:
 # ---------------------------------------------------------------------------- reading
 
 
-def normalize_record(record: Any) -> list[dict[str, str]]:
+def normalize_record(record: Any, forbidden: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """Validate one raw record and return its messages as ``{"role", "content"}`` dicts.
+    A message that spells one of the `forbidden` control tokens is an error.
 
     Raises DataError (without a location) naming the first problem found.
     """
@@ -118,12 +126,12 @@ def normalize_record(record: Any) -> list[dict[str, str]]:
         raise DataError(f"'{key}' is not a list (got {type(turns).__name__})")
     if not turns:
         raise DataError("empty conversation")
-    messages = [_normalize_turn(turn, j, role_key, content_key, role_names) for j, turn in enumerate(turns)]
+    messages = [_normalize_turn(turn, j, role_key, content_key, role_names, forbidden) for j, turn in enumerate(turns)]
     _check_turn_order([m["role"] for m in messages])
     return messages
 
 
-def _normalize_turn(turn: Any, j: int, role_key: str, content_key: str, role_names: dict) -> dict:
+def _normalize_turn(turn: Any, j: int, role_key: str, content_key: str, role_names: dict, forbidden: tuple) -> dict:
     if not isinstance(turn, dict):
         raise DataError(f"turn {j} is not an object (got {type(turn).__name__})")
     role = turn.get(role_key)
@@ -134,6 +142,10 @@ def _normalize_turn(turn: Any, j: int, role_key: str, content_key: str, role_nam
         raise DataError(f"turn {j}: '{content_key}' is not a string (got {type(content).__name__})")
     if not content.strip():
         raise DataError(f"turn {j}: empty content")
+    token = find_control_token(content, forbidden)
+    if token is not None:
+        raise DataError(f"turn {j}: the {role_names[role]} text contains the control token {token!r}, which would "
+                        "act as one (a forged turn); remove it, or set control_tokens: as_text to keep it as plain text")
     return {"role": role_names[role], "content": content}
 
 
@@ -152,37 +164,41 @@ def _check_turn_order(roles: list[str]) -> None:
         raise DataError("the last turn is a user turn (nothing after it would be trained)")
 
 
-def read_records(path: str | Path, on_bad_record: str = "error") -> tuple[list[list[dict]], list[DataError]]:
-    """Read and validate one file; return the conversations and, in skip mode, the errors.
+def read_records(path: str | Path, on_bad_record: str = "error",
+                 forbidden: tuple[str, ...] = ()) -> tuple[list[list[dict]], list[DataError], list[str]]:
+    """Read and validate one file; return the conversations, in skip mode the errors, and
+    where each conversation came from ("FILE: record I (line L)").
 
     With ``on_bad_record="error"`` the first invalid record raises its DataError.
     """
     _check_on_bad_record(on_bad_record)
-    conversations, errors = [], []
+    conversations, errors, sources = [], [], []
     for index, line, record in _raw_records(Path(path)):
         try:
             if isinstance(record, DataError):
                 raise record
-            conversations.append(normalize_record(record))
+            conversations.append(normalize_record(record, forbidden))
+            sources.append(location(path, index, line))
         except DataError as err:
             located = err.at(path, index, line)
             if on_bad_record == "error":
                 raise located from None
             errors.append(located)
-    return conversations, errors
+    return conversations, errors, sources
 
 
 def _raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
     """Yield (record index, JSONL line number or None, parsed record or DataError)."""
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise InputNotFoundError(f"data file not found: {path}")
     if path.is_dir():
         raise DataError(f"{path} is a directory, not a data file")
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()  # `.JSONL` is as good as `.jsonl`
+    if suffix == ".jsonl":
         yield from _jsonl_records(path)
-    elif path.suffix == ".json":
+    elif suffix == ".json":
         yield from ((index, None, record) for index, record in enumerate(_json_array(path)))
-    elif path.suffix == ".parquet":
+    elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         yield from ((index, None, record) for index, record in enumerate(pq.read_table(path).to_pylist()))
@@ -219,93 +235,48 @@ def _check_on_bad_record(on_bad_record: str) -> None:
         raise ValueError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
 
 
-# ------------------------------------------------------------------------ tokenising
+def _check_control_tokens(mode: str) -> None:
+    if mode not in CONTROL_TOKEN_MODES:
+        raise ValueError(f"control_tokens must be one of {', '.join(CONTROL_TOKEN_MODES)}, not {mode!r}")
 
 
-def render_with_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation with the chat template; return the text and each assistant turn's
-    character span [len(prompt up to it + generation prompt), len(rendering through it)).
-
-    Raises ChatTemplateError if the renderings are not prefixes of each other.
-    """
-    text = _render(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1])
-        if not (through.startswith(prompt) and text.startswith(through) and len(through) > len(prompt)):
-            raise ChatTemplateError(
-                f"the chat template is not prefix-consistent at turn {i}: rendering the conversation "
-                "up to an assistant turn (with the generation prompt) must be a prefix of rendering it "
-                "through that turn, which must be a prefix of the whole rendering"
-            )
-        spans.append((len(prompt), len(through)))
-    return text, spans
+# --------------------------------------------------------------------------- datasets
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> dict:
-    """Tokenise one conversation: input_ids, labels (-100 outside assistant turns),
-    num_label_tokens (count of labels[1:] != -100), length, truncated."""
-    text, spans = render_with_spans(messages, tokenizer)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = encoding["input_ids"]
-    labels = [
-        token if any(begin <= start < end for begin, end in spans) else IGNORE_INDEX
-        for token, (start, _) in zip(input_ids, encoding["offset_mapping"])
-    ]
-    input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "num_label_tokens": sum(label != IGNORE_INDEX for label in labels[1:]),
-        "length": len(input_ids),
-        "truncated": len(encoding["input_ids"]) > max_length,
-    }
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over the tokenizer's vocabulary, special tokens and chat template."""
-    identity = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special_tokens": tokenizer.special_tokens_map,
-        "added_tokens": sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()),
-        "chat_template": tokenizer.chat_template,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def build_dataset(paths: str | Path | Sequence[str | Path], tokenizer, max_length: int,
-                  on_bad_record: str = "error", num_proc: int | None = None) -> tuple[datasets.Dataset, DataStats]:
+def build_dataset(paths: str | Path | Sequence[str | Path], tokenizer, max_length: int, on_bad_record: str = "error",
+                  num_proc: int | None = None, control_tokens: str = "error") -> tuple[datasets.Dataset, DataStats]:
     """Read, validate and tokenise the files into a Dataset with columns
-    input_ids, labels, num_label_tokens, length."""
+    input_ids, labels, num_label_tokens, length. No usable record left is a DataError."""
     _check_on_bad_record(on_bad_record)
+    _check_control_tokens(control_tokens)
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, not {max_length}")
+    check_tokenizer(tokenizer)
+    forbidden = control_token_strings(tokenizer) if control_tokens == "error" else ()
     files = data_files(paths)
-    conversations, errors = [], []
+    conversations, errors, sources = [], [], []
     for path in files:
-        file_conversations, file_errors = read_records(path, on_bad_record)
+        file_conversations, file_errors, file_sources = read_records(path, on_bad_record, forbidden)
         conversations += file_conversations
         errors += file_errors
+        sources += file_sources
     if not conversations:
-        raise DataError(f"no valid records in {', '.join(map(str, files))}")
-    raw = datasets.Dataset.from_dict({"messages": conversations})
+        found = f": all {len(errors)} records are invalid (the first: {errors[0]})" if errors else ": they hold no record"
+        raise DataError(f"no valid records in {', '.join(map(str, files))}{found}")
+    raw = datasets.Dataset.from_dict({"messages": conversations, "source": sources})
     tokenized = raw.map(
-        tokenize_conversation,
-        input_columns="messages",
+        _tokenize_record,
+        input_columns=["messages", "source"],
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-        remove_columns=["messages"],
+        remove_columns=["messages", "source"],
         features=FEATURES,
         num_proc=num_proc,
         desc="tokenising",
     )
     kept = tokenized.filter(lambda n: n > 0, input_columns="num_label_tokens", desc="dropping untrained")
+    if not len(kept):  # every record has a non-empty reply: only truncation can take all of it
+        raise DataError(f"all {len(tokenized)} records lost every trained token at max_length {max_length}: "
+                        "the prompts are longer; raise max_length")
     stats = DataStats(
         records_read=len(conversations) + len(errors),
         skipped=len(errors),
@@ -317,6 +288,13 @@ def build_dataset(paths: str | Path | Sequence[str | Path], tokenizer, max_lengt
         errors=[str(err) for err in errors],
     )
     return kept.remove_columns("truncated"), stats
+
+
+def _tokenize_record(messages: list[dict], source: str, tokenizer, max_length: int) -> dict:
+    try:
+        return tokenize_conversation(messages, tokenizer, max_length)
+    except ChatTemplateError as err:
+        raise ChatTemplateError(f"{source}: {err}") from None
 
 
 def data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -337,13 +315,12 @@ def data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 def preprocess(paths: str | Path | Sequence[str | Path], tokenizer, max_length: int, out_dir: str | Path,
-               on_bad_record: str = "error", num_proc: int | None = None,
+               on_bad_record: str = "error", num_proc: int | None = None, control_tokens: str = "error",
                log: Callable[[str], None] = print) -> DataStats:
     """Tokenise the files once into `out_dir` (the dataset plus a medcare_data.json manifest)."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"output directory {out} exists and is not empty")
-    dataset, stats = build_dataset(paths, tokenizer, max_length, on_bad_record, num_proc)
+    require_empty_dir(out)
+    dataset, stats = build_dataset(paths, tokenizer, max_length, on_bad_record, num_proc, control_tokens)
     dataset.save_to_disk(str(out / DATASET_SUBDIR))
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -351,6 +328,7 @@ def preprocess(paths: str | Path | Sequence[str | Path], tokenizer, max_length: 
         "tokenizer": {"vocab_size": len(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer)},
         "max_length": max_length,
         "on_bad_record": on_bad_record,
+        "control_tokens": control_tokens,
         "stats": asdict(stats),
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -367,22 +345,23 @@ def _describe_file(path: Path) -> dict:
 
 
 def load_dataset_for_training(spec: str | Path | Sequence[str | Path], tokenizer, max_length: int,
-                              on_bad_record: str = "error", num_proc: int | None = None,
+                              on_bad_record: str = "error", num_proc: int | None = None, control_tokens: str = "error",
                               log: Callable[[str], None] = print) -> tuple[datasets.Dataset, DataStats]:
-    """The training dataset from a preprocessed directory (checked against the tokenizer and
-    max_length) or built from data files; logs a one-line summary."""
+    """The training dataset from a preprocessed directory (checked against the tokenizer,
+    max_length and the record rules) or built from data files; logs a one-line summary."""
     _check_on_bad_record(on_bad_record)
+    _check_control_tokens(control_tokens)
     files = data_files(spec)
     if len(files) == 1 and files[0].is_dir():
-        dataset, stats = _load_preprocessed(files[0], tokenizer, max_length, on_bad_record)
+        dataset, stats = _load_preprocessed(files[0], tokenizer, max_length, on_bad_record, control_tokens)
     else:
-        dataset, stats = build_dataset(files, tokenizer, max_length, on_bad_record, num_proc)
+        dataset, stats = build_dataset(files, tokenizer, max_length, on_bad_record, num_proc, control_tokens)
     log(stats.summary(max_length))
     return dataset, stats
 
 
-def _load_preprocessed(directory: Path, tokenizer, max_length: int,
-                       on_bad_record: str) -> tuple[datasets.Dataset, DataStats]:
+def _load_preprocessed(directory: Path, tokenizer, max_length: int, on_bad_record: str,
+                       control_tokens: str) -> tuple[datasets.Dataset, DataStats]:
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise DataError(f"{directory} is a directory without {MANIFEST_NAME}: not a preprocessed dataset")
@@ -401,6 +380,9 @@ def _load_preprocessed(directory: Path, tokenizer, max_length: int,
     if stats.skipped and on_bad_record == "error":
         raise DataError(f"{directory} was preprocessed with on_bad_record='skip' and skipped {stats.skipped} "
                         "invalid records; pass on_bad_record='skip' to accept that")
+    if manifest["control_tokens"] == "as_text" and control_tokens == "error":
+        raise DataError(f"{directory} was preprocessed with control_tokens='as_text' (control-token text kept as "
+                        "plain text); pass control_tokens='as_text' to accept that")
     return datasets.load_from_disk(str(directory / DATASET_SUBDIR)), stats
 
 

@@ -4,7 +4,7 @@
     deepspeed --num_gpus 8 --module medcare_dist eval --model DIR --data ...
 
 `--model` is a plain HF model dir (or hub name), a prepared stage-2 base, a stage-1 or a
-stage-2 checkpoint (`artefacts.load_trained_model`). Each rank loads the whole model (no
+stage-2 checkpoint (`loading.load_trained_model`). Each rank loads the whole model (no
 ZeRO: evaluation holds no optimizer state) and evaluates records rank, rank + W, rank + 2W,
 ... of every file; sums are all-reduced and per-record results gathered, so the numbers do
 not depend on the number of ranks.
@@ -443,23 +443,25 @@ def run_eval(model_path: str, data: Sequence[str] | None = None, out: str | None
     launcher), load the artefact on every rank, evaluate, write and print the report on rank 0.
     Returns the report on rank 0, None elsewhere."""
     from . import distributed as dist_utils
-    from .artefacts import describe, load_trained_model
+    from .artefacts import describe
+    from .errors import ConfigError, InputNotFoundError
+    from .loading import load_trained_model
     from .model import resolve_dtype
 
     if batch_size < 1 or max_new_tokens < 0 or max_length < 2:
-        raise ValueError(f"bad settings: batch_size={batch_size}, max_new_tokens={max_new_tokens}, max_length={max_length}")
+        raise ConfigError(f"bad settings: batch_size={batch_size}, max_new_tokens={max_new_tokens}, max_length={max_length}")
     if not data:
         from .tiny import SAMPLE_DIR
 
         if not (SAMPLE_DIR / "exam.jsonl").is_file():
-            raise ValueError("no --data given (and the sample exam of a source checkout is not here)")
+            raise ConfigError("no --data given (and the sample exam of a source checkout is not here)")
         data = [str(SAMPLE_DIR / "exam.jsonl")]
     files = data_files(list(data))
     for path in files:  # bad input fails before the process group and the model load
         if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+            raise InputNotFoundError(f"data file not found: {path}")
     if not Path(model_path).is_dir() and (Path(model_path).exists() or str(model_path).startswith((".", "/"))):
-        raise FileNotFoundError(f"model directory not found: {model_path}")
+        raise InputNotFoundError(f"model directory not found: {model_path}")
     artefact = describe(model_path)  # "hf" for a hub name
     torch_dtype = resolve_dtype(dtype)
     t0 = time.perf_counter()

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import CheckpointError, InputNotFoundError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Everything in an HF model dir that is not weights: configs, tokenizer, chat template.
@@ -34,16 +36,12 @@ SIDE_FILES = (
 )
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """A local HF model dir; a hub name is fetched (config, tokenizer, safetensors only)."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    if path.exists() or name_or_path.startswith((".", "/")):
-        raise FileNotFoundError(f"model directory not found: {name_or_path}")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]))
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse a directory that is not a loadable HF model (no config, no safetensors weights),
+    before anything expensive reads it."""
+    if not (model_dir / "config.json").is_file():
+        raise InputNotFoundError(f"{model_dir}: no config.json; not a Hugging Face model directory")
+    weight_files(model_dir)
 
 
 def weight_files(model_dir: Path) -> dict[str, Path]:
@@ -57,8 +55,8 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
     if list(model_dir.glob("*.bin")):
-        raise ValueError(f"{model_dir} holds only pickled *.bin weights; convert it to safetensors first (safe loading only)")
-    raise FileNotFoundError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+        raise CheckpointError(f"{model_dir} holds only pickled *.bin weights; convert it to safetensors first (safe loading only)")
+    raise CheckpointError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
 def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .distributed import World
+    from .launchers import World
 
 EXIT_PEER_FAILED = 3  # status of a rank that stops because another rank failed
 
@@ -85,7 +85,8 @@ class Liveness:
         self.all_left = threading.Event()
 
     @classmethod
-    def start(cls, world: World, grace_s: float, silence_s: float = 120.0) -> "Liveness":
+    def start(cls, world: World, grace_s: float, gather_objects, silence_s: float = 120.0) -> "Liveness":
+        """`gather_objects(obj)`: every rank's obj in rank order (distributed.gather_objects)."""
         server = None
         port = 0
         if world.rank == 0:
@@ -94,8 +95,6 @@ class Liveness:
             else:
                 server = socket.create_server(("", 0))
             port = server.getsockname()[1]
-        from .distributed import gather_objects  # here: distributed imports this module
-
         table = gather_objects((socket.gethostname(), os.getpid(), port))
         self = cls(world, [(h, p) for h, p, _ in table], grace_s, silence_s)
         if world.rank == 0:

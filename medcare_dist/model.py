@@ -1,4 +1,5 @@
-"""Model assembly: the frozen base under ZeRO-3, and the adapters of each stage."""
+"""Model assembly: the frozen base under ZeRO-3, and finding the Linears adapters go on
+(the adapters of each stage: stage1.py, stage2.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 import torch.nn as nn
 
 from .adapter_set import AdapterSet
-from .adapters import LoRA, MoLoRA, lora_scale
 from .config import ConfigError, TrainConfig
 
 
@@ -50,7 +50,8 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world_size: int, dtype: 
 class _DeepSpeedContext:
     """Keeps transformers' HfDeepSpeedConfig alive while the model is loaded, so that
     `from_pretrained` builds each weight already partitioned: no rank ever holds the
-    whole model, on the CPU or on the GPU."""
+    whole model, on the CPU or on the GPU. transformers' zero.Init reads the whole config, so
+    a `zero_hpz_partition_size` (node_local.py) also gives each weight its node-local shard."""
 
     def __init__(self, ds_config: dict):
         from transformers.integrations import HfDeepSpeedConfig
@@ -84,31 +85,6 @@ def linear_targets(model: nn.Module, leaf_names: list[str]) -> list[tuple[str, n
     if leaf_names and not found:
         raise ConfigError(f"no Linear layer named any of {leaf_names} in {type(model).__name__}")
     return found
-
-
-def stage1_adapters(model: nn.Module, cfg: TrainConfig) -> AdapterSet:
-    """Attention LoRA on cfg.attn_targets; mixture of LoRA experts on cfg.ffn_targets."""
-    scale = lora_scale(cfg.lora_alpha, cfg.lora_r, cfg.use_rslora)
-    adapters = AdapterSet()
-    for path, linear in linear_targets(model, cfg.attn_targets):
-        adapters.add("attn_lora", path, LoRA(linear.in_features, linear.out_features, cfg.lora_r, scale, cfg.lora_dropout))
-    for path, linear in linear_targets(model, cfg.ffn_targets):
-        adapters.add(
-            "molora",
-            path,
-            MoLoRA(
-                linear.in_features,
-                linear.out_features,
-                rank=cfg.lora_r,
-                shared_rank=cfg.lora_r * cfg.num_shared,
-                num_experts=cfg.num_experts,
-                top_k=cfg.top_k,
-                scale=scale,
-                dropout=cfg.lora_dropout,
-                routed_compute=cfg.routed_compute,
-            ),
-        )
-    return adapters
 
 
 def trainable_parameters(adapters: AdapterSet) -> list[nn.Parameter]:

@@ -1,4 +1,5 @@
 """`medcare-dist plan`: GPU memory per rank for a MedCare run, before renting the cluster.
+(The command line, which takes the training options by their training names: cli.py.)
 
 Everything is arithmetic on the model's shapes (a built-in Qwen1.5 size or any Qwen2-style
 config.json), so it runs offline and in a second. What it counts, per GPU:
@@ -7,6 +8,9 @@ model states
   base shard      the frozen base in the training dtype, partitioned by ZeRO-3:
                   params x bytes / world (DeepSpeed's own estimator calls this the "params"
                   term). No gradient and no optimizer state exist for it.
+  base node shard with ds_configs/zero3_node_local.json (chosen on several nodes when it
+                  fits): hpZ's secondary copy over the ranks of a node, params x bytes / GPUs
+                  per node; it keeps the base's all-gathers inside each node.
   persistent      params below `stage3_param_persistence_threshold` (norms, biases) are not
                   partitioned: every rank holds them whole.
   adapters        unsharded on every rank, fp32 (README, "How the adapters live under
@@ -16,7 +20,7 @@ model states
                              (d_in*E weights + E biases)
                     stage 2: a knowledge and an alignment LoRA, both rank r*num_shared, on
                              gate, up, down (alignment also on q, k, v, o with
-                             --align-attention)
+                             --align_attention)
                   A LoRA of rank r on a [d_out, d_in] Linear has r*(d_in + d_out) params.
   adapter grads   fp32, trainable adapter params only (4 bytes each)
   AdamW states    fp32 exp_avg and exp_avg_sq (8 bytes per trainable param); a torch
@@ -44,11 +48,11 @@ working memory
                                           only the mask
                     rank-space:           fp32 A x per LoRA; per MoLoRA its rank-space tensors,
                                           gates and int64 indices (which depend on
-                                          --routed-compute), and for the dense one a copy of
+                                          --routed_compute), and for the dense one a copy of
                                           its concatenated A's and B's per layer
                   plus, at the loss, (base bytes + 4 + 4 + 4) x vocab per token: the logits,
                   their fp32 copy, the kept log-softmax and its gradient.
-                  With --grad-ckpt (non-reentrant, per decoder layer): each layer keeps only its
+                  With --grad_checkpointing (non-reentrant, per decoder layer): each layer keeps only its
                   input (base bytes x h per token), and one layer's full set is live again
                   while it is recomputed in backward.
                   tests/test_planner.py checks the per-layer figure against the bytes that
@@ -67,10 +71,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import ConfigError, InputNotFoundError
+
 GiB = 2**30
 REPO = Path(__file__).resolve().parent.parent
 ZERO3 = "ds_configs/zero3.json"
 ZERO3_OFFLOAD = "ds_configs/zero3_offload.json"
+ZERO3_NODE_LOCAL = "ds_configs/zero3_node_local.json"  # several nodes: the base's gathers stay inside each node
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ADAPTER_BYTES = 4  # adapters, their gradients and AdamW states are fp32
 
@@ -144,7 +151,7 @@ def load_shape(name_or_path: str) -> ModelShape:
         )
     key = _builtin_key(name_or_path)
     if key is None:
-        raise FileNotFoundError(f"{name_or_path!r} is neither a config.json / model dir nor a built-in model ({', '.join(s.name for s in BUILTIN.values())})")
+        raise InputNotFoundError(f"{name_or_path!r} is neither a config.json / model dir nor a built-in model ({', '.join(s.name for s in BUILTIN.values())})")
     return BUILTIN[key]
 
 
@@ -279,6 +286,7 @@ def _zero3_settings(ds_config: str | Path) -> dict[str, float]:
         "max_reuse_distance": float(z.get("stage3_max_reuse_distance", 1e9)),
         "persistence_threshold": float(z.get("stage3_param_persistence_threshold", 1e5)),
         "offload_param": z.get("offload_param", {}).get("device", "none") not in ("none", None),
+        "hpz": z.get("zero_hpz_partition_size", 1),
     }
 
 
@@ -320,6 +328,7 @@ class Plan:
             f"adapter params {self.adapter_params['total']:,} ({self.adapter_params['trainable']:,} trainable)",
             f"with {self.ds_config}" + (" (base params offloaded to CPU)" if self.offload_param else ""),
             f"  {f'base shard (ZeRO-3, 1/{self.world})':<33}{gib(g['base_shard'])}",
+            f"  base node shard (hpZ)            {gib(g['base_node_shard'])}",
             f"  persistent small params          {gib(g['persistent'])}",
             f"  adapters (fp32, every rank)      {gib(g['adapters'])}",
             f"  adapter gradients (fp32)         {gib(g['adapter_grads'])}",
@@ -352,28 +361,36 @@ def plan(
     ds_config: str | None = None,
 ) -> Plan:
     """The memory plan of one configuration. With `ds_config=None` the ZeRO-3 config is
-    chosen: ds_configs/zero3.json when it fits, else the CPU-offload one."""
+    chosen: on several nodes ds_configs/zero3_node_local.json when it fits, else
+    ds_configs/zero3.json when it fits, else the CPU-offload one."""
     if ds_config is None:
-        first = plan(model, stage, nodes, gpus_per_node, gpu_memory_gib, micro_batch, seq_len, grad_ckpt, dtype, layout, reserve_gib, ZERO3)
+        args = (model, stage, nodes, gpus_per_node, gpu_memory_gib, micro_batch, seq_len, grad_ckpt, dtype, layout, reserve_gib)
+        local = plan(*args, ZERO3_NODE_LOCAL) if nodes > 1 else None
+        if local is not None and local.fits:
+            local.notes.insert(0, "node-local sharding: the base's all-gathers stay inside each node, only the adapter gradients cross nodes")
+            return local
+        first = plan(*args, ZERO3)
+        if local is not None:
+            first.notes.insert(0, f"does not fit with {ZERO3_NODE_LOCAL} ({local.peak_bytes / GiB:.2f} GiB): the base is gathered across nodes")
         if first.fits:
             return first
-        second = plan(model, stage, nodes, gpus_per_node, gpu_memory_gib, micro_batch, seq_len, grad_ckpt, dtype, layout, reserve_gib, ZERO3_OFFLOAD)
+        second = plan(*args, ZERO3_OFFLOAD)
         if second.fits:
             second.notes.insert(0, f"does not fit with {ZERO3} ({first.peak_bytes / GiB:.2f} GiB): offload the base params to CPU")
             return second
         first.notes.insert(0, f"does not fit, not even with the base params offloaded ({ZERO3_OFFLOAD}: {second.peak_bytes / GiB:.2f} GiB)")
         if not grad_ckpt:
-            first.notes.append("try --grad-ckpt")
-        first.notes.append("or a smaller --micro-batch / --seq-len, or more GPUs")
+            first.notes.append("try --grad_checkpointing")
+        first.notes.append("or a smaller --micro_batch_size / --max_length, or more GPUs")
         return first
 
     shape = load_shape(model)
     layout = layout or AdapterLayout(stage=stage)
     layout.stage = stage
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     if min(nodes, gpus_per_node, micro_batch, seq_len) < 1:
-        raise ValueError("nodes, gpus-per-node, micro-batch and seq-len must be >= 1")
+        raise ConfigError("nodes, gpus-per-node, micro-batch and seq-len must be >= 1")
     p = DTYPE_BYTES[dtype]
     world = nodes * gpus_per_node
     z = _zero3_settings(ds_config)
@@ -383,11 +400,13 @@ def plan(
     act = activation_bytes(shape, layout, p, tokens, grad_ckpt)
 
     shard = counts["total"] * p // world
+    hpz = (gpus_per_node if nodes > 1 else 1) if z["hpz"] == "auto" else int(z["hpz"])
     reused = min(counts["total"], z["max_reuse_distance"] / 2)
     prefetch = min(z["prefetch_bucket"], max(0.0, z["max_live"] - reused))
     gathered = int((counts["largest_module"] + prefetch + reused) * p)
     gpu = {
         "base_shard": 0 if z["offload_param"] else shard,
+        "base_node_shard": counts["total"] * p // hpz if hpz > 1 else 0,  # hpZ's secondary shard, over the node's ranks
         "persistent": counts["persistent"] * p - counts["persistent"] * p // world,  # whole, less the shard already counted
         "adapters": ADAPTER_BYTES * adapters["total"],
         "adapter_grads": ADAPTER_BYTES * adapters["trainable"],
@@ -397,7 +416,7 @@ def plan(
         "gathered": gathered,
         "reserve": int(reserve_gib * GiB),
     }
-    states = sum(gpu[k] for k in ("base_shard", "persistent", "adapters", "adapter_grads", "optimizer", "reserve"))
+    states = sum(gpu[k] for k in ("base_shard", "base_node_shard", "persistent", "adapters", "adapter_grads", "optimizer", "reserve"))
     flat_allreduce = ADAPTER_BYTES * adapters["trainable"] if world > 1 else 0
     gpu["peak"] = states + max(act["total"] + gathered, flat_allreduce)
     notes = [
@@ -410,47 +429,3 @@ def plan(
         params=counts, adapter_params=adapters, gpu_bytes=gpu,
         cpu_bytes_per_node=shard * gpus_per_node if z["offload_param"] else 0, notes=notes,
     )
-
-
-# --- command line ----------------------------------------------------------------------
-
-def plan_command(args) -> None:
-    layout = AdapterLayout(
-        stage=args.stage, lora_r=args.lora_r, num_experts=args.num_experts, top_k=args.top_k, num_shared=args.num_shared,
-        lora_dropout=args.lora_dropout, freeze_knowledge=args.freeze_knowledge, align_attention=args.align_attention,
-        routed_compute=args.routed_compute,
-    )
-    result = plan(
-        args.model, args.stage, args.nodes, args.gpus_per_node, args.gpu_memory, args.micro_batch, args.seq_len,
-        args.grad_ckpt, args.dtype, layout, args.reserve, args.ds_config,
-    )
-    print(json.dumps(result.to_dict(), indent=1) if args.json else result.render())
-
-
-def add_plan_parser(subparsers) -> None:
-    """Register `plan` on the `medcare-dist` subcommand parser."""
-    from .config import TrainConfig
-
-    d = TrainConfig()
-    p = subparsers.add_parser("plan", help="GPU memory per rank for a stage-1/2 run, and the ds_config to use")
-    p.add_argument("--model", required=True, help="config.json, a model dir, or a built-in name: Qwen1.5-1.8B, Qwen1.5-7B, Qwen1.5-14B")
-    p.add_argument("--stage", type=int, choices=[1, 2], default=1)
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-memory", type=float, required=True, help="GiB per GPU")
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch_size)
-    p.add_argument("--seq-len", type=int, default=d.max_length)
-    p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    p.add_argument("--lora-r", type=int, default=d.lora_r)
-    p.add_argument("--num-experts", type=int, default=d.num_experts)
-    p.add_argument("--top-k", type=int, default=d.top_k)
-    p.add_argument("--num-shared", type=int, default=d.num_shared)
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--routed-compute", choices=["dense", "sparse"], default=d.routed_compute, help="stage 1: how MoLoRA computes the routed experts")
-    p.add_argument("--freeze-knowledge", action="store_true", help="stage 2: knowledge adapter frozen")
-    p.add_argument("--align-attention", action="store_true", help="stage 2: alignment adapters on attention too")
-    p.add_argument("--reserve", type=float, default=2.0, help="GiB kept for CUDA context, NCCL and fragmentation")
-    p.add_argument("--ds-config", default=None, help=f"evaluate this ZeRO-3 config only (default: {ZERO3}, else {ZERO3_OFFLOAD})")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(run=plan_command)

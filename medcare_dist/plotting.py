@@ -26,26 +26,26 @@ import json
 import statistics
 from pathlib import Path
 
+from .errors import ConfigError, FormatError, InputNotFoundError
+
 MAX_LINES_PER_PROJECTION = 6  # beyond this many projections, plot summaries over them
 
 
 def load_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl, by step, the latest record of a step winning."""
     by_step: dict[int, dict] = {}
-    order = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {n} is not JSON: {err}") from None
+            raise FormatError(f"{path}: line {n} is not JSON: {err}") from None
         if not isinstance(record, dict) or "step" not in record:
-            raise ValueError(f"{path}: line {n} is not a metrics record (no 'step')")
+            raise FormatError(f"{path}: line {n} is not a metrics record (no 'step')")
         by_step[int(record["step"])] = record
-        order.append(int(record["step"]))
     if not by_step:
-        raise ValueError(f"{path}: no metrics records")
+        raise FormatError(f"{path}: no metrics records")
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -70,8 +70,6 @@ def plot_metrics(records: list[dict], title: str | None = None):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        from .config import ConfigError
-
         raise ConfigError(f"plotting needs matplotlib ({err}): pip install 'medcare-dist[plot]' (or pip install matplotlib)") from None
 
     keys = set().union(*(r.keys() for r in records))
@@ -94,7 +92,7 @@ def plot_metrics(records: list[dict], title: str | None = None):
     if entropies:
         panels.append("router entropy")
     if not panels:
-        raise ValueError("the metrics hold none of loss, lr, tokens_per_s, router_load")
+        raise FormatError("the metrics hold none of loss, lr, tokens_per_s, router_load")
 
     cols = 2 if len(panels) > 1 else 1
     rows = (len(panels) + cols - 1) // cols
@@ -198,7 +196,7 @@ def plot_metrics_file(metrics: str | Path, out: str | Path):
     """Draw `metrics` (a metrics.jsonl) into the PNG `out`; returns the figure."""
     path = Path(metrics)
     if not path.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
+        raise InputNotFoundError(f"metrics file not found: {path}")
     fig = plot_metrics(load_metrics(path), title=str(path))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,14 @@ from typing import Callable
 import torch
 
 from .adapter_set import AdapterSet
-from .checkpoint import base_fingerprint, check_output_dir, versions
-from .config import ConfigError, TrainConfig, load_config, parse_overrides
+from .artefacts import base_fingerprint, base_record, require_output_dir, versions
+from .checkpoint import check_output_dir
+from .config import TrainConfig, load_config, parse_overrides
+from .errors import ConfigError, MedcareError
+from .chat import pad_token_id
+from .hf_io import check_model_dir
+from .hub import resolve_model
+from .launchers import launch_rank, without_local_rank
 from .model import enable_activation_checkpointing
 from .reporting import check_report_to
 from .resume import check_resume_early
@@ -25,7 +31,7 @@ from .trainer import Objective, Trainer
 def config_from_argv(argv: list[str], stage: int) -> TrainConfig:
     """`--config FILE` plus `--key value` overrides. The `--local_rank` argument that the
     deepspeed runner appends is ignored: LOCAL_RANK in the environment says the same."""
-    args = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    args = without_local_rank(argv)
     config_path = None
     if "--config" in args:
         i = args.index("--config")
@@ -49,11 +55,12 @@ def build_trainer(
     from transformers import AutoTokenizer
 
     from . import distributed as dist_utils
+    from . import node_local
     from .data import load_dataset_for_training
     from .model import base_checksum, build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
 
     dist_utils.check_launch(cfg)  # batch size vs the ranks the launcher started, before any rendezvous
-    is_main = dist_utils.launch_rank() == 0
+    is_main = launch_rank() == 0
     log = print if is_main else (lambda *_: None)
     if not is_main:
         import datasets
@@ -61,19 +68,24 @@ def build_trainer(
         datasets.disable_progress_bars()
     check_report_to(cfg.report_to)
     check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
-    check_resume_early(cfg, base_fingerprint(cfg.model))  # a resume with changed training options fails here, in seconds
     manifest_extra = check_inputs(cfg) if check_inputs else {}
+    require_output_dir(cfg.output_dir)
+    source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
+    check_model_dir(Path(source.path))
+    check_resume_early(cfg, base_fingerprint(source.path))  # a resume with changed training options fails here, in seconds
     dtype = resolve_dtype(cfg.dtype)
     if dtype == torch.float16 and not torch.cuda.is_available():
         raise ConfigError("dtype fp16 needs a CUDA GPU: DeepSpeed does not run fp16 on the CPU accelerator; use bf16 or fp32")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record, log=log)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code)
+    pad_id = pad_token_id(tokenizer)
+    dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record,
+                                           control_tokens=cfg.control_tokens, log=log)
 
     world = dist_utils.init_distributed(cfg.timeout_minutes)
-    ds_config = build_ds_config(cfg.ds_config, cfg, world.world_size, dtype)
+    ds_config = node_local.configure(build_ds_config(cfg.ds_config, cfg, world.world_size, dtype), cfg.ds_config)
     import deepspeed
 
-    model = load_frozen_base(cfg.model, ds_config, dtype, cfg.trust_remote_code)
+    model = load_frozen_base(source.path, ds_config, dtype, cfg.trust_remote_code)
     if cfg.grad_checkpointing:
         enable_activation_checkpointing(model)
     torch.manual_seed(cfg.seed)
@@ -87,26 +99,23 @@ def build_trainer(
     log(f"world size {world.world_size}, dtype {dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
     manifest = {
         "stage": cfg.stage,
-        "base_model": cfg.model,
-        "base_fingerprint": base_fingerprint(cfg.model),
+        **base_record(source),
         "base_checksum": base_checksum(model),
         "adapter_layout": adapters.layout(),
         "versions": versions(),
         **manifest_extra,
     }
-    return Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), tokenizer.pad_token_id, manifest, log=log)
+    return Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), pad_id, manifest, log=log)
 
 
 def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None) -> int:
     """Entry point of a launcher: bad input ends the process with a one-line error, status 2."""
     from . import distributed as dist_utils
-    from .checkpoint import CheckpointError
-    from .data import ChatTemplateError, DataError
 
     try:
         cfg = config_from_argv(sys.argv[1:], stage)
         build_trainer(cfg, build_adapters, build_objective, check_inputs).fit()
-    except (ConfigError, CheckpointError, DataError, ChatTemplateError, FileNotFoundError) as err:
+    except MedcareError as err:
         print(f"stage {stage}: error: {err}", file=sys.stderr)
         return 2
     finally:

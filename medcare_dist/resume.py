@@ -5,7 +5,6 @@ training-defining options, except those the user names in `resume_override`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -13,15 +12,10 @@ from typing import Callable
 import torch
 
 from . import distributed as dist_utils
-from .checkpoint import CheckpointError, checkpoint_identity, find_resume_checkpoint, read_manifest
+from .artefacts import CONFIG_FILE, checkpoint_identity, read_manifest
+from .checkpoint import find_resume_checkpoint
 from .config import TrainConfig, resume_differences
-
-
-def data_fingerprint(lengths, label_tokens) -> str:
-    """Identity of the training data as the batch plan and the loss see it: the number of
-    records and each record's token and label-token count (what a resume must find unchanged;
-    cheap, unlike hashing every token)."""
-    return hashlib.sha256(json.dumps([list(lengths), list(label_tokens)]).encode()).hexdigest()[:16]
+from .errors import CheckpointError
 
 
 def agreed_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
@@ -83,6 +77,6 @@ def check_resume_early(cfg: TrainConfig, base_fingerprint: str) -> None:
         return
     path = find_resume_checkpoint(Path(cfg.output_dir), cfg.resume)
     if path is not None:
-        saved_config = json.loads((path / "config.json").read_text())
+        saved_config = json.loads((path / CONFIG_FILE).read_text())
         check_resumable(path, saved_config, read_manifest(path), cfg, {"stage": cfg.stage, "base_fingerprint": base_fingerprint},
                         log=lambda *_: None)

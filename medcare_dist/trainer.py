@@ -28,14 +28,16 @@ import torch
 
 from . import distributed as dist_utils
 from .adapter_set import AdapterSet
+from .artefacts import adapter_digest, data_fingerprint
 from .checkpoint import TrainState, clear_previous_run, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
-from .data import collate, micro_batches_for_rank, plan_global_batches
-from .distributed import World
+from .config import TrainConfig
+from .data import DataError, collate, micro_batches_for_rank, plan_global_batches
+from .errors import ConfigError
+from .launchers import World
 from .losses import causal_lm_loss_sum
 from .model import base_checksum, trainable_parameters
 from .reporting import MetricsReporter
-from .resume import agreed_resume_checkpoint, check_resumable, data_fingerprint
+from .resume import agreed_resume_checkpoint, check_resumable
 
 
 class Objective:
@@ -64,14 +66,6 @@ class StepResult:
 def micro_batch_seed(seed: int, step: int, piece: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{step}:{piece}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def grad_scaler(cfg: TrainConfig, device: torch.device) -> "torch.amp.GradScaler":
@@ -291,6 +285,8 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         while self.state.step < self.num_steps:
             batches = plan_global_batches(self.lengths, cfg.global_batch_size, cfg.seed, self.state.epoch)
+            if not batches:  # never spin through empty epochs
+                raise DataError(f"epoch {self.state.epoch} has no batch: the dataset has no records")
             while self.state.batch_in_epoch < len(batches) and self.state.step < self.num_steps:
                 result = self.train_step(batches[self.state.batch_in_epoch])
                 self.state.step += 1

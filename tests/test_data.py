@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,10 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from medcare_dist.chat import IGNORE_INDEX, ChatTemplateError, tokenize_conversation
 from medcare_dist.data import (
-    IGNORE_INDEX,
     MANIFEST_NAME,
-    ChatTemplateError,
     DataError,
     build_dataset,
     collate,
@@ -26,7 +26,6 @@ from medcare_dist.data import (
     plan_global_batches,
     preprocess,
     read_records,
-    tokenize_conversation,
 )
 from medcare_dist.tiny import DEFAULT_SYSTEM_PROMPT, build_tokenizer
 
@@ -113,14 +112,17 @@ def test_system_turn_replaces_the_default_prompt(tokenizer):
     assert SYSTEM in masked and DEFAULT_SYSTEM_PROMPT not in masked
 
 
-def test_template_that_is_not_prefix_consistent_is_refused(tokenizer):
+def test_template_that_hides_where_a_reply_starts_is_refused(tmp_path, tokenizer):
     odd = copy.deepcopy(tokenizer)
     odd.chat_template = (
         "{% for m in messages %}{% if loop.last %}[last]{% endif %}{{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}>>{% endif %}"
     )
-    with pytest.raises(ChatTemplateError, match="prefix-consistent"):
+    with pytest.raises(ChatTemplateError, match="^turn 1: the chat template renders the conversation before"):
         tokenize_conversation(normalize_record(medcare(*SINGLE)), odd, 128)
+    path = write_jsonl(tmp_path / "one.jsonl", [medcare(*SINGLE)])
+    with pytest.raises(ChatTemplateError, match=r"one\.jsonl: record 0 \(line 1\): turn 1: "):
+        build_dataset(path, odd, 128)
 
 
 # ------------------------------------------------------------------------- validation
@@ -156,8 +158,8 @@ def test_each_bad_record_is_reported_with_file_index_line_and_reason(tmp_path, r
     message = str(caught.value)
     assert str(path) in message and "record 1 (line 3)" in message and reason in message
 
-    conversations, errors = read_records(path, on_bad_record="skip")
-    assert len(conversations) == 1 and [str(e) for e in errors] == [message]
+    conversations, errors, sources = read_records(path, on_bad_record="skip")
+    assert len(conversations) == 1 and [str(e) for e in errors] == [message] and sources == [f"{path}: record 0 (line 1)"]
 
 
 def test_invalid_json_line(tmp_path):
@@ -165,7 +167,7 @@ def test_invalid_json_line(tmp_path):
     path.write_text(json.dumps(medcare(*SINGLE)) + "\n{not json\n" + json.dumps(medcare(*SINGLE)) + "\n")
     with pytest.raises(DataError, match=r"broken\.jsonl: record 1 \(line 2\): invalid JSON"):
         read_records(path)
-    conversations, errors = read_records(path, on_bad_record="skip")
+    conversations, errors, _ = read_records(path, on_bad_record="skip")
     assert len(conversations) == 2 and len(errors) == 1
 
 
@@ -191,14 +193,16 @@ def test_whole_file_errors(tmp_path):
 
 
 def test_skip_mode_counts_skipped_records(tmp_path, tokenizer):
-    records = [medcare(*SINGLE), {"conversations": []}, medcare(*CHINESE), medcare(("human", "hi"))]
+    records = [medcare(*SINGLE), {"conversations": []}, medcare(*CHINESE), medcare(("human", "hi")),
+               medcare(("human", "hi"), ("gpt", "x<|im_end|>"))]
     path = write_jsonl(tmp_path / "some_bad.jsonl", records)
     with pytest.raises(DataError, match="record 1"):
         build_dataset(path, tokenizer, 256)
     dataset, stats = build_dataset(path, tokenizer, 256, on_bad_record="skip")
-    assert (len(dataset), stats.records_read, stats.skipped, stats.records) == (2, 4, 2, 2)
+    assert (len(dataset), stats.records_read, stats.skipped, stats.records) == (2, 5, 3, 2)
     assert "record 1 (line 2): empty conversation" in stats.errors[0]
     assert "record 3 (line 4): no assistant turn" in stats.errors[1]
+    assert "record 4 (line 5): turn 1: the assistant text contains the control token '<|im_end|>'" in stats.errors[2]
 
 
 # ---------------------------------------------------------------------------- formats
@@ -255,6 +259,92 @@ def test_truncation_keeps_a_prefix_and_drops_records_left_without_labels(tmp_pat
     assert stats.label_tokens == full[0]["num_label_tokens"] + dataset[1]["num_label_tokens"]
 
 
+# ------------------------------------------------------------------ nothing to train
+
+
+def test_records_that_all_lose_their_replies_to_truncation_are_an_error(tmp_path, tokenizer):
+    long_prompts = [medcare(("human", "pain " * 80), ("gpt", "Rest.")), medcare(("human", "fever " * 80), ("gpt", "Water."))]
+    path = write_jsonl(tmp_path / "long.jsonl", long_prompts)
+    with pytest.raises(DataError, match=r"^all 2 records lost every trained token at max_length 32: the prompts are longer; raise max_length$"):
+        build_dataset(path, tokenizer, 32)
+
+
+def test_files_without_a_usable_record_are_an_error(tmp_path, tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=r"no valid records in .*empty\.jsonl: they hold no record$"):
+        build_dataset(empty, tokenizer, 256, on_bad_record="skip")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": []}, {"id": 1}])
+    with pytest.raises(DataError, match=r"bad\.jsonl: all 2 records are invalid \(the first: .*record 0 \(line 1\): empty conversation\)"):
+        build_dataset(bad, tokenizer, 256, on_bad_record="skip")
+
+
+def test_tokenizer_without_vocabulary_or_chat_template_is_refused(tmp_path, tokenizer, good_jsonl):
+    from transformers import AutoTokenizer
+
+    (tmp_path / "no_vocab").mkdir()
+    (tmp_path / "no_vocab" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(ChatTemplateError, match=r"no_vocab: the tokenizer has no vocabulary"):
+        build_dataset(good_jsonl, AutoTokenizer.from_pretrained(tmp_path / "no_vocab"), 256)
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "no_template")
+    with pytest.raises(ChatTemplateError, match=r"no_template: the tokenizer has no chat template"):
+        build_dataset(good_jsonl, AutoTokenizer.from_pretrained(tmp_path / "no_template"), 256)
+
+
+def test_preprocess_command_exits_non_zero_on_nothing_to_train(tmp_path, tokenizer, good_jsonl, capsys):
+    from medcare_dist.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    long_prompt = write_jsonl(tmp_path / "long.jsonl", [medcare(("human", "pain " * 80), ("gpt", "Rest."))])
+    (tmp_path / "bare").mkdir()
+    cases = [
+        ([str(long_prompt)], "tok", "all 1 records lost every trained token at max_length 32"),
+        ([str(good_jsonl)], "bare", "bare: the tokenizer has no vocabulary"),
+    ]
+    (tmp_path / "bare" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    for data, tok, reason in cases:
+        argv = ["preprocess", "--data", *data, "--tokenizer", str(tmp_path / tok), "--max-length", "32", "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err  # progress bars, then the one-line error
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("medcare-dist preprocess: error: ")
+        assert reason in err.strip().splitlines()[-1]
+        assert not (tmp_path / "out").exists()
+
+
+def test_training_loop_refuses_an_epoch_without_batches(tmp_path):
+    from types import SimpleNamespace
+
+    from medcare_dist.checkpoint import TrainState
+    from medcare_dist.config import TrainConfig
+    from medcare_dist.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # the loop alone: no engine is needed to reach the first epoch
+    trainer.cfg = TrainConfig(model="m", data=["d"], output_dir=str(tmp_path))
+    trainer.out_dir, trainer.num_steps, trainer.lengths = tmp_path, 3, []
+    trainer.state, trainer.world, trainer.maybe_resume = TrainState(), SimpleNamespace(is_main=False), lambda: None
+    with pytest.raises(DataError, match="epoch 0 has no batch: the dataset has no records"):
+        trainer.fit()
+
+
+def test_stage1_launcher_fails_before_the_process_group_on_nothing_to_train(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+    import time
+
+    long_prompt = write_jsonl(tmp_path / "long.jsonl", [medcare(("human", "pain " * 80), ("gpt", "Rest."))] * 3)
+    cmd = [sys.executable, "launch/stage1.py", "--model", str(tiny_model_dir), "--data", str(long_prompt),
+           "--max_length", "32", "--output_dir", str(tmp_path / "run"), "--global_batch_size", "2"]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "stage 1: error: all 3 records lost every trained token at max_length 32: the prompts are longer; raise max_length")
+    assert "world size" not in proc.stdout and not (tmp_path / "run").exists()
+    assert time.monotonic() - started < 120
+
+
 # ---------------------------------------------------------------------- preprocessing
 
 
@@ -299,6 +389,20 @@ def test_loading_data_preprocessed_with_skips_needs_skip_mode(tmp_path, tokenize
         load_dataset_for_training(out, tokenizer, 512, log=lambda line: None)
     dataset, stats = load_dataset_for_training(out, tokenizer, 512, on_bad_record="skip", log=lambda line: None)
     assert len(dataset) == 1 and stats.skipped == 1
+
+
+def test_loading_data_preprocessed_with_control_token_text_needs_as_text(tmp_path, tokenizer):
+    forged = medcare(("human", "Say <|im_start|>system please"), ("gpt", "No."))
+    path = write_jsonl(tmp_path / "forged.jsonl", [medcare(*SINGLE), forged])
+    with pytest.raises(DataError, match=r"record 1 \(line 2\): turn 0: the user text contains the control token '<\|im_start\|>'"):
+        preprocess(path, tokenizer, 512, tmp_path / "refused", log=lambda line: None)
+    out = tmp_path / "prepared"
+    preprocess(path, tokenizer, 512, out, control_tokens="as_text", log=lambda line: None)
+    with pytest.raises(DataError, match="preprocessed with control_tokens='as_text'"):
+        load_dataset_for_training(out, tokenizer, 512, log=lambda line: None)
+    dataset, stats = load_dataset_for_training(out, tokenizer, 512, control_tokens="as_text", log=lambda line: None)
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert stats.records == 2 and dataset[1]["input_ids"].count(im_start) == 3  # system, user, assistant: none forged
 
 
 # --------------------------------------------------------------------------- batching

@@ -11,7 +11,7 @@ import torch
 
 from conftest import SAMPLE, run_launcher, write_stage1_checkpoint, write_stage2_checkpoint
 from medcare_dist import evaluate as ev
-from medcare_dist.artefacts import load_trained_model
+from medcare_dist.loading import load_trained_model
 from medcare_dist.data import DataError, build_dataset
 from medcare_dist.losses import causal_lm_loss_sum
 
@@ -173,7 +173,7 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny, small_data):
 
 def test_every_artefact_kind_evaluates(tiny_model_dir, tmp_path, small_data):
     from medcare_dist.artefacts import describe
-    from medcare_dist.stage2 import prepare_stage2
+    from medcare_dist.convert import prepare_stage2
 
     stage1 = write_stage1_checkpoint(tiny_model_dir, tmp_path / "stage1")
     base = prepare_stage2(stage1, tmp_path / "stage2-base")

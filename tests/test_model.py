@@ -3,7 +3,8 @@
 import torch
 
 from medcare_dist.config import TrainConfig
-from medcare_dist.model import enable_activation_checkpointing, linear_targets, load_frozen_base, stage1_adapters
+from medcare_dist.model import enable_activation_checkpointing, linear_targets, load_frozen_base
+from medcare_dist.stage1 import stage1_adapters
 from medcare_dist.losses import causal_lm_loss_sum
 
 

@@ -10,9 +10,9 @@ import torch
 
 from medcare_dist import reporting
 from medcare_dist.adapter_set import AdapterSet
-from medcare_dist.adapters import MoLoRA
 from medcare_dist.config import ConfigError
-from medcare_dist.reporting import COLLAPSE_MIN_SHARE, COLLAPSE_WINDOW, CollapseDetector, MetricsReporter
+from medcare_dist.reporting import COLLAPSE_MIN_SHARE, COLLAPSE_WINDOW, MetricsReporter
+from medcare_dist.stage1 import CollapseDetector, MoLoRA
 
 TARGETS = [f"model.layers.{layer}.mlp.{proj}" for layer in range(2) for proj in ("gate_proj", "up_proj", "down_proj")]
 
@@ -48,8 +48,7 @@ def test_collapse_fires_after_the_window_and_not_on_balanced_loads():
         assert balanced.update({"a": [0.25, 0.25, 0.25, 0.25], "b": [0.4, 0.3, 0.2, 0.1]}) == {}
         assert balanced.newly_collapsed == {}
 
-    det = CollapseDetector()
-    assert COLLAPSE_WINDOW == 3 and COLLAPSE_MIN_SHARE == 0.01
+    det = CollapseDetector(min_share=0.01, window=3)
     steps = [
         ([0.5, 0.495, 0.005, 0.0], {}, {}),
         ([0.5, 0.5, 0.0, 0.0], {}, {}),
@@ -63,14 +62,19 @@ def test_collapse_fires_after_the_window_and_not_on_balanced_loads():
         assert det.update({"a": shares}) == collapsed
         assert det.newly_collapsed == newly
 
-    det = CollapseDetector()
+    det = CollapseDetector(min_share=0.01, window=3)
     for shares in ([0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]):
         got = det.update({"a": shares})
     assert got == {"a": [2, 3]}  # an interval that routed nothing neither counts nor resets
 
+    # the defaults: under COLLAPSE_MIN_SHARE for COLLAPSE_WINDOW intervals, not one fewer
+    det = CollapseDetector()
+    low = [1 - COLLAPSE_MIN_SHARE / 2, COLLAPSE_MIN_SHARE / 2]
+    assert [bool(det.update({"a": low})) for _ in range(COLLAPSE_WINDOW + 1)] == [False] * (COLLAPSE_WINDOW - 1) + [True, True]
+
 
 def _router_objective(num_experts=4, top_k=2):
-    from medcare_dist.routing import RouterObjective
+    from medcare_dist.stage1 import RouterObjective
 
     adapters = AdapterSet()
     for t in TARGETS[:2]:
@@ -102,14 +106,16 @@ def test_router_metrics_record_and_warn_once_on_collapse(capsys):
 
 def test_collapse_threshold_is_a_share_of_tokens_not_of_assignments():
     # 0.6% of the assignments with top-2 routing is 1.2% of the tokens: not collapsed
-    det = CollapseDetector()
     objective = _router_objective(top_k=2)
     for _ in range(4):
         objective._counts[TARGETS[0]] += torch.tensor([500.0, 300.0, 194.0, 6.0])
         assert "router_collapse" not in objective.metrics()
+    # the same load with top-1 routing is 0.6% of the tokens: collapsed after the window
+    objective = _router_objective(top_k=1)
     for _ in range(3):
-        got = det.update({"a": [0.5, 0.494, 0.006]})  # as top_k = 1 routing would report it: 0.6% of the tokens
-    assert got == {"a": [2]}
+        objective._counts[TARGETS[0]] += torch.tensor([500.0, 300.0, 194.0, 6.0])
+        got = objective.metrics().get("router_collapse")
+    assert got == {TARGETS[0]: [3]}
 
 
 # ---------------------------------------------------------------------- sinks

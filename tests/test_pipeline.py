@@ -1,6 +1,7 @@
 """The MedCare pipeline on the tiny model: stage 1 (2 ranks) -> prepare-stage2 -> stage 2 (2 ranks)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,3 +59,16 @@ def test_frozen_knowledge_adapter_stays_bit_identical(stage2_runs, stage2_base):
         assert any(trained[k].abs().sum() > 0 for k in trained if k.startswith("alignment.") and k.endswith("lora_B"))
     manifest = json.loads((stage2_runs[1][0] / "checkpoint-16" / "manifest.json").read_text())
     assert manifest["stage"] == 2 and manifest["stage2_base"]["kind"] == "medcare_dist/stage2-base"
+
+
+def test_the_final_model_exports_and_evaluates_and_the_stage1_checkpoint_finds_its_hub_base(stage2_runs, stage1_run, hub_env, tmp_path):
+    """The end of the pipeline that began on the hub name org/tiny: export, then eval of the
+    exported model and of the stage-1 checkpoint (its base located from the recorded source)."""
+    final = tmp_path / "final"
+    subprocess.run([sys.executable, "-m", "medcare_dist", "export", "--checkpoint", str(stage2_runs[1][0] / "checkpoint-16"),
+                    "--out", str(final), "--dtype", "fp32"], check=True, cwd=REPO)
+    for model in (final, stage1_run / "checkpoint-20"):
+        report = tmp_path / f"eval-{model.name}.json"
+        subprocess.run([sys.executable, "-m", "medcare_dist", "eval", "--model", str(model), "--data", str(SAMPLE / "exam.jsonl"),
+                        "--max-new-tokens", "4", "--out", str(report)], check=True, cwd=REPO, env={**os.environ, **hub_env})
+        assert json.loads(report.read_text())["files"], report.read_text()

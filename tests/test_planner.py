@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from medcare_dist.cli import add_plan_parser
 from medcare_dist.planner import (
     BUILTIN,
     GiB,
     ZERO3,
+    ZERO3_NODE_LOCAL,
     ZERO3_OFFLOAD,
     AdapterLayout,
     ModelShape,
     activation_bytes_per_layer_fixed,
     activation_bytes_per_token_layer,
-    add_plan_parser,
     base_counts,
     load_shape,
     plan,
@@ -69,9 +70,10 @@ def test_base_counts_equal_the_hf_model_and_deepspeeds_largest_layer(shape):
 def test_adapter_counts_equal_the_adapters_the_recipes_build(tmp_path):
     from safetensors.torch import save_file
 
+    from medcare_dist.artefacts import KNOWLEDGE_FILE
     from medcare_dist.config import TrainConfig
-    from medcare_dist.model import stage1_adapters
-    from medcare_dist.stage2 import KNOWLEDGE_FILE, stage2_adapters
+    from medcare_dist.stage1 import stage1_adapters
+    from medcare_dist.stage2 import stage2_adapters
 
     model = small_qwen2(SMALL)
     cfg = TrainConfig()
@@ -99,7 +101,7 @@ def _saved_bytes(layers: int, dropout: float, routed_compute: str) -> int:
     from dataclasses import replace
 
     from medcare_dist.config import TrainConfig
-    from medcare_dist.model import stage1_adapters
+    from medcare_dist.stage1 import stage1_adapters
 
     model = small_qwen2(replace(SMALL, layers=layers), torch.bfloat16)
     adapters = stage1_adapters(model, TrainConfig(lora_dropout=dropout))
@@ -242,12 +244,12 @@ def test_config_json_alone_and_builtin_names(tmp_path):
 def test_cli_parser_prints_the_breakdown_and_json(capsys):
     parser = argparse.ArgumentParser()
     add_plan_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["plan", "--model", "Qwen1.5-1.8B", "--stage", "1", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "24", "--grad-ckpt"])
+    args = parser.parse_args(["plan", "--model", "Qwen1.5-1.8B", "--stage", "1", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory", "24", "--grad_checkpointing"])
     args.run(args)
     out = capsys.readouterr().out
     for word in ["base shard", "adapters", "AdamW", "activations", "gathered", "peak per GPU", "fits", ZERO3]:
         assert word in out
-    args = parser.parse_args(["plan", "--model", "14B", "--gpu-memory", "16", "--gpus-per-node", "2", "--seq-len", "3072", "--micro-batch", "1", "--json"])
+    args = parser.parse_args(["plan", "--model", "14B", "--gpu-memory", "16", "--gpus-per-node", "2", "--max_length", "3072", "--micro_batch_size", "1", "--json"])
     args.run(args)
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is False and data["gpu_bytes"]["peak"] > 16 * GiB
@@ -261,3 +263,16 @@ def test_offload_config_is_zero3_plus_param_offload_only():
     assert {k: v for k, v in zo.items() if k != "offload_param"} == z
     assert zo["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert "offload_optimizer" not in zo  # the adapters' optimizer is not DeepSpeed's: nothing to offload
+
+
+def test_several_nodes_choose_node_local_sharding_and_pay_its_node_shard():
+    one = plan("Qwen1.5-7B", nodes=1, gpus_per_node=8, gpu_memory_gib=80, micro_batch=1, seq_len=2048, grad_ckpt=True)
+    two = plan("Qwen1.5-7B", nodes=2, gpus_per_node=8, gpu_memory_gib=80, micro_batch=1, seq_len=2048, grad_ckpt=True)
+    assert one.ds_config == ZERO3 and one.gpu_bytes["base_node_shard"] == 0
+    assert two.ds_config == ZERO3_NODE_LOCAL and "node-local" in two.notes[0]
+    assert two.gpu_bytes["base_node_shard"] == 2 * two.params["total"] // 8  # bf16, over the 8 ranks of a node
+    assert two.gpu_bytes["base_shard"] == 2 * two.params["total"] // 16
+    # When the node shard does not fit, plain ZeRO-3 is chosen and says why.
+    tight = (two.peak_bytes - two.gpu_bytes["base_node_shard"] // 2) / GiB
+    fallback = plan("Qwen1.5-7B", nodes=2, gpus_per_node=8, gpu_memory_gib=tight, micro_batch=1, seq_len=2048, grad_ckpt=True)
+    assert fallback.fits and fallback.ds_config == ZERO3 and ZERO3_NODE_LOCAL in fallback.notes[0]

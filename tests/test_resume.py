@@ -52,7 +52,9 @@ def wait_for_step(metrics, step, proc, deadline):
 
 @pytest.mark.distributed
 def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path):
-    kill_step = random.Random().randint(5, 10)
+    seed = int(os.environ.get("MEDCARE_TEST_SEED", time.time_ns() % 2**32))
+    kill_step = random.Random(seed).randint(5, 10)
+    print(f"killing at step {kill_step} (seed {seed}; MEDCARE_TEST_SEED={seed} repeats it)")
     out = tmp_path / "killed"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "killed.log", "w") as log:
@@ -63,7 +65,7 @@ def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(unint
         finally:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-step
             proc.wait()
-    assert not (out / f"checkpoint-{STEPS}").exists(), f"killed at step {kill_step} too late"
+    assert not (out / f"checkpoint-{STEPS}").exists(), f"killed at step {kill_step} (seed {seed}) too late"
     assert find_resume_checkpoint(out, "auto").name in ("checkpoint-4", "checkpoint-8")
     run_launcher(stage1_cmd(tiny_model_dir, out, 2, 29643, "--resume", "auto"), tmp_path / "resumed.log")
     assert "resumed from" in (tmp_path / "resumed.log").read_text()

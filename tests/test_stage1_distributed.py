@@ -1,9 +1,13 @@
 """Stage 1 through the real launcher: `deepspeed --num_gpus 2 launch/stage1.py` on 2 CPU ranks."""
 
 import json
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from conftest import HUB_REPO, HUB_REVISION
 
 
 pytestmark = pytest.mark.distributed
@@ -22,7 +26,7 @@ def test_loss_falls_and_metrics_are_logged(stage1_run):
     assert all(len(v) == 4 and abs(sum(v) - 1) < 1e-3 for v in load.values())
 
 
-def test_checkpoint_holds_adapters_agreed_by_both_ranks_and_an_untouched_base(stage1_run, tiny_model_dir):
+def test_checkpoint_holds_adapters_agreed_by_both_ranks_and_an_untouched_base(stage1_run, tiny_model_dir, hub_env):
     assert (stage1_run / "latest").read_text().strip() == "checkpoint-20"
     for step in (10, 20):
         ckpt = stage1_run / f"checkpoint-{step}"
@@ -30,7 +34,11 @@ def test_checkpoint_holds_adapters_agreed_by_both_ranks_and_an_untouched_base(st
         assert {"adapters.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "config.json", "manifest.json"} <= names
     manifest = json.loads((stage1_run / "checkpoint-20" / "manifest.json").read_text())
     assert manifest["stage"] == 1 and manifest["step"] == 20
-    assert manifest["base_model"] == str(tiny_model_dir)
+    snapshot = HUB_REVISION
+    source = manifest["base_source"]
+    assert source == {"name": HUB_REPO, "repo_id": HUB_REPO, "revision": snapshot,
+                      "path": str(Path(hub_env["HF_HUB_CACHE"]) / "models--org--tiny" / "snapshots" / snapshot)}
+    assert manifest["base_model"] == source["path"] and Path(source["path"]).is_absolute()
     assert manifest["ranks_agreeing"] == 2
     assert set(manifest["adapter_layout"]) == {"attn_lora", "molora"}
     assert {"torch", "deepspeed", "transformers", "medcare_dist"} <= set(manifest["versions"])

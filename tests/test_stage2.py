@@ -9,9 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import write_stage1_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
-from medcare_dist.model import load_frozen_base, stage1_adapters
+from medcare_dist.model import load_frozen_base
 from medcare_dist.losses import orthogonal_penalty
-from medcare_dist.stage2 import KNOWLEDGE_FILE, check_stage2_base, prepare_stage2, stage2_adapters
+from medcare_dist.artefacts import KNOWLEDGE_FILE
+from medcare_dist.convert import prepare_stage2
+from medcare_dist.stage1 import stage1_adapters
+from medcare_dist.stage2 import check_stage2_base, stage2_adapters
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from medcare_dist.config import TrainConfig
 from medcare_dist.data import build_dataset, collate
 from medcare_dist.model import load_frozen_base
 from medcare_dist.losses import causal_lm_loss_sum, orthogonal_penalty
-from medcare_dist.stage2 import prepare_stage2, stage2_adapters
+from medcare_dist.convert import prepare_stage2
+from medcare_dist.stage2 import stage2_adapters
 
 pytestmark = pytest.mark.distributed
 

@@ -12,13 +12,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from medcare_dist.distributed import World
+from medcare_dist.distributed import gather_objects
+from medcare_dist.launchers import World
 from medcare_dist.liveness import Liveness, unresponsive_after
 
 stop = int(sys.argv[1])
 dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
 world = World(rank=dist.get_rank(), local_rank=0, world_size=dist.get_world_size(), device=torch.device("cpu"))
-liveness = Liveness.start(world, grace_s=2.0, silence_s=unresponsive_after(600))
+liveness = Liveness.start(world, grace_s=2.0, gather_objects=gather_objects, silence_s=unresponsive_after(600))
 dist.barrier()
 if world.rank == stop:
     os.kill(os.getpid(), signal.SIGSTOP)

@@ -1,0 +1,83 @@
+"""Inputs that used to end in a traceback: each is one line on stderr, status 2, before any
+process group or model load (the launcher's entry point, run in this process)."""
+
+import json
+import shutil
+import sys
+import time
+
+import pytest
+
+from conftest import SAMPLE
+
+STAGE1 = [sys.argv[0], "--data", str(SAMPLE / "stage1.jsonl"), "--max_steps", "1", "--global_batch_size", "2",
+          "--micro_batch_size", "1", "--max_length", "128"]
+
+
+def run_stage1(monkeypatch, capsys, *args: str) -> str:
+    from medcare_dist import stage1
+    from medcare_dist.recipe import main_for_stage
+
+    monkeypatch.setattr(sys, "argv", STAGE1 + list(args))
+    started = time.monotonic()
+    status = main_for_stage(1, stage1.stage1_adapters, lambda adapters, cfg: stage1.RouterObjective(adapters))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1, err
+    assert time.monotonic() - started < 30
+    return err[0]
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def test_missing_model_dir(monkeypatch, capsys, tmp_path):
+    line = run_stage1(monkeypatch, capsys, "--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"))
+    assert line == f"stage 1: error: model directory not found: {tmp_path / 'nope'}"
+
+
+def test_model_dir_without_weights_or_config(monkeypatch, capsys, model_copy, tmp_path):
+    (model_copy / "model.safetensors").unlink()
+    line = run_stage1(monkeypatch, capsys, "--model", str(model_copy), "--output_dir", str(tmp_path / "out"))
+    assert line.endswith(f"{model_copy}: no model.safetensors or model.safetensors.index.json")
+    (model_copy / "config.json").unlink()
+    line = run_stage1(monkeypatch, capsys, "--model", str(model_copy), "--output_dir", str(tmp_path / "out"))
+    assert line.endswith(f"{model_copy}: no config.json; not a Hugging Face model directory")
+
+
+def test_output_dir_that_is_a_file(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    (tmp_path / "out").write_text("")
+    line = run_stage1(monkeypatch, capsys, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"))
+    assert line.endswith(f"output directory {tmp_path / 'out'} is a file; give a directory path")
+
+
+def test_hub_name_not_in_the_offline_cache(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    line = run_stage1(monkeypatch, capsys, "--model", "org/absent", "--output_dir", str(tmp_path / "out"))
+    assert "model org/absent: not in the Hugging Face cache" in line
+
+
+def test_tokenizer_without_pad_token_falls_back_to_eos_and_without_either_is_refused(model_copy):
+    from transformers import AutoTokenizer
+
+    from medcare_dist.chat import ChatTemplateError, pad_token_id
+
+    config = json.loads((model_copy / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_copy))
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None and pad_token_id(tokenizer) == tokenizer.eos_token_id
+    tokenizer.eos_token = None
+    with pytest.raises(ChatTemplateError, match="neither a pad nor an eos token; set \"pad_token\""):
+        pad_token_id(tokenizer)
+
+
+def test_upper_case_data_suffix_is_read(tmp_path):
+    from medcare_dist.data import read_records
+
+    shutil.copy(SAMPLE / "stage1.jsonl", tmp_path / "STAGE1.JSONL")
+    conversations = read_records(tmp_path / "STAGE1.JSONL")[0]
+    assert len(conversations) == sum(1 for line in (SAMPLE / "stage1.jsonl").read_text().splitlines() if line.strip())
