@@ -123,7 +123,7 @@ def test_resume_refuses_changed_training_options_listing_each(tiny_model_dir, tm
     out = tmp_path / "run"
     write_stage1_checkpoint(tiny_model_dir, out)  # saved with global_batch_size 16, seed 42, lr 2e-4, top_k 2
     proc, seconds = stage1(tiny_model_dir, out, "--resume", "auto", "--global_batch_size", "8", "--seed", "1",
-                           "--lr", "1e-3", "--top_k", "1", "--log_every", "3", "--output_dir", str(out))
+                           "--lr", "1e-3", "--top_k", "1", "--log_every", "3")
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = proc.stderr.strip().splitlines()[-1]
     for change in ("global_batch_size: 16 -> 8", "lr: 0.0002 -> 0.001", "seed: 42 -> 1", "top_k: 2 -> 1"):

@@ -120,8 +120,9 @@ def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_
 
     out = tmp_path / "older"
     shutil.copytree(uninterrupted, out)
-    run_launcher(stage1_cmd(tiny_model_dir, out, 1, 29645, "--resume", str(out / "checkpoint-8"), "--resume_override", "lr,max_steps",
-                            "--lr", "1e-3", "--max_steps", "14"), tmp_path / "older.log")
+    cmd = stage1_cmd(tiny_model_dir, out, 1, 29645, "--resume", str(out / "checkpoint-8"), "--resume_override", "lr,max_steps")
+    cmd[cmd.index("--lr") + 1], cmd[cmd.index("--max_steps") + 1] = "1e-3", "14"
+    run_launcher(cmd, tmp_path / "older.log")
     log = (tmp_path / "older.log").read_text()
     assert "resuming with changed option(s) (resume_override): lr: 0.002 -> 0.001; max_steps: 12 -> 14" in log
     assert "metrics.jsonl: dropped 4 record(s) past step 8" in log
