@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .artefacts import ADAPTERS_FILE, CONFIG_FILE, MANIFEST_FILE, read_manifest
+from .artefacts import ADAPTERS_FILE, CONFIG_FILE, MANIFEST_FILE, read_manifest, record_files, verify_files, write_manifest
 from .errors import CheckpointError, OutputExistsError
 
 LATEST_FILE = "latest"
@@ -117,7 +117,8 @@ def save_checkpoint(
     torch.save(scheduler_state, tmp / "scheduler.pt")
     _write_json(tmp / "trainer_state.json", asdict(state))
     _write_json(tmp / CONFIG_FILE, config)
-    _write_json(tmp / MANIFEST_FILE, {**manifest, "step": state.step, "save_order": save_order, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_manifest(tmp, {**manifest, "step": state.step, "save_order": save_order, "files": record_files(tmp),
+                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -157,28 +158,46 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (_save_order(p), int(p.name.split("-")[1])))
 
 
-def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """`auto`: the checkpoint `latest` names, else the newest complete one by save order;
-    else a path."""
+def find_resume_checkpoint(output_dir: Path, resume: str, log=print) -> Path | None:
+    """`auto`: the newest intact checkpoint (the one `latest` names, else by save order); a
+    corrupt or incomplete one is skipped, and `log` says which and why; None when there is
+    none at all, an error when every one is damaged. A path: that checkpoint, which must be
+    intact (a one-line CheckpointError otherwise)."""
     if not resume:
         return None
     if resume != "auto":
         path = Path(resume)
         if not (path / MANIFEST_FILE).exists():
             raise CheckpointError(f"--resume {resume}: not a complete checkpoint (no {MANIFEST_FILE})")
+        verify_files(path)
         return path
+    output_dir = Path(output_dir)
+    candidates = list_checkpoints(output_dir)[::-1]
     latest = output_dir / LATEST_FILE
-    if latest.exists():
-        named = output_dir / latest.read_text().strip()
-        if (named / MANIFEST_FILE).exists():
-            return named
-    complete = list_checkpoints(output_dir)
-    return complete[-1] if complete else None
+    named = output_dir / latest.read_text().strip() if latest.exists() else None
+    if named in candidates:
+        candidates.insert(0, candidates.pop(candidates.index(named)))
+    skipped = [f"{p}: incomplete (no {MANIFEST_FILE})" for p in sorted(output_dir.glob("checkpoint-*"))
+               if p.name[len("checkpoint-"):].isdigit() and p.is_dir() and not (p / MANIFEST_FILE).exists()]
+    for path in candidates:
+        try:
+            verify_files(path)
+        except CheckpointError as err:
+            skipped.append(str(err))
+            continue
+        for note in skipped:
+            log(f"--resume auto: skipped {note}")
+        return path
+    if skipped:
+        raise CheckpointError(f"--resume auto: no intact checkpoint in {output_dir} (" + "; ".join(skipped) + ")")
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Everything a resume needs, loaded safely (safetensors; torch.load with weights_only)."""
+    """Everything a resume needs, checked against its manifest's digests (this rank's copy),
+    loaded safely (safetensors; torch.load with weights_only)."""
     path = Path(path)
+    verify_files(path)
     return {
         "adapters": load_file(str(path / ADAPTERS_FILE)),
         "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),

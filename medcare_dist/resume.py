@@ -6,6 +6,7 @@ training-defining options, except those the user names in `resume_override`).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -18,14 +19,14 @@ from .config import TrainConfig, resume_differences
 from .errors import CheckpointError
 
 
-def agreed_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+def agreed_resume_checkpoint(output_dir: Path, resume: str, log: Callable[[str], None] = print) -> Path | None:
     """The checkpoint to resume from, picked by rank 0 (find_resume_checkpoint); every rank
     checks that it sees the same one (same manifest, same files), so that ranks on different
     filesystems cannot resume from different states. Call on every rank."""
     choice = None
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         try:
-            path = find_resume_checkpoint(Path(output_dir), resume)
+            path = find_resume_checkpoint(Path(output_dir), resume, log=log)
             # a checkpoint in output_dir is named relative to it: each rank looks in its own output_dir
             name = None if path is None else path.name if path.parent == Path(output_dir) else str(path)
             choice = {"path": name, "identity": None if path is None else checkpoint_identity(path)}
@@ -53,6 +54,10 @@ def check_resumable(path: Path, saved_config: dict, saved_manifest: dict, cfg: T
     for key in ("stage", "base_fingerprint"):
         if key in current and saved_manifest.get(key) != current[key]:
             raise CheckpointError(f"cannot resume from {path}: its {key} is {saved_manifest.get(key)!r}, this run's is {current[key]!r}")
+    saved_sum, this_sum = saved_manifest.get("base_checksum"), current.get("base_checksum")
+    if saved_sum is not None and this_sum is not None and not math.isclose(saved_sum, this_sum, rel_tol=1e-9, abs_tol=1e-6):
+        raise CheckpointError(f"cannot resume from {path}: the loaded base's weights sum to {this_sum!r}, the checkpoint's base to "
+                              f"{saved_sum!r}: not the base it was trained on")
     diffs = resume_differences(saved_config, cfg)
     if "data_fingerprint" in current and saved_manifest.get("data_fingerprint", current["data_fingerprint"]) != current["data_fingerprint"]:
         diffs["data"] = (f"{saved_manifest.get('num_records')} records, fingerprint {saved_manifest['data_fingerprint']}",
@@ -75,7 +80,7 @@ def check_resume_early(cfg: TrainConfig, base_fingerprint: str) -> None:
     all ranks agree on."""
     if not cfg.resume:
         return
-    path = find_resume_checkpoint(Path(cfg.output_dir), cfg.resume)
+    path = find_resume_checkpoint(Path(cfg.output_dir), cfg.resume, log=lambda *_: None)  # rank 0 says what it skips, later
     if path is not None:
         saved_config = json.loads((path / CONFIG_FILE).read_text())
         check_resumable(path, saved_config, read_manifest(path), cfg, {"stage": cfg.stage, "base_fingerprint": base_fingerprint},

@@ -153,7 +153,7 @@ class Trainer:
     def maybe_resume(self) -> None:
         if not self.cfg.resume:
             return
-        path = agreed_resume_checkpoint(self.out_dir, self.cfg.resume)
+        path = agreed_resume_checkpoint(self.out_dir, self.cfg.resume, log=self.log)
         if path is None:
             self.log(f"--resume {self.cfg.resume}: no complete checkpoint in {self.out_dir}, starting from step 0")
             self._rewind_metrics(0)

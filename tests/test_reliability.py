@@ -18,15 +18,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE, write_stage1_checkpoint
+from conftest import REPO, SAMPLE, write_stage1_checkpoint, write_stage2_checkpoint
+from medcare_dist import artefacts
+from medcare_dist.artefacts import base_fingerprint
 from medcare_dist.checkpoint import (
-    CheckpointError, TrainState, check_output_dir, clear_previous_run, find_resume_checkpoint, list_checkpoints, read_manifest,
-    save_checkpoint,
+    CheckpointError, TrainState, check_output_dir, clear_previous_run, find_resume_checkpoint, list_checkpoints, load_checkpoint,
+    read_manifest, save_checkpoint,
 )
 from medcare_dist.config import ConfigError, TrainConfig, resume_differences
 from medcare_dist.jit_lock import clear_stale_locks
 from medcare_dist.reporting import MetricsReporter
-from medcare_dist.resume import check_resumable
+from medcare_dist.resume import check_resume_early, check_resumable
 from medcare_dist.trainer import grad_scaler, optimizer_step
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -115,6 +117,110 @@ def test_metrics_keep_one_record_per_step_after_a_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 10))
     assert MetricsReporter(tmp_path, enabled=False).rewind(0) == 0  # other ranks touch nothing
+
+
+# --- verified loads ---------------------------------------------------------------------------
+
+def _flip_bit(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(data)
+
+
+def test_a_corrupt_truncated_or_incomplete_newest_checkpoint_is_skipped_saying_why(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, keep_last=0)
+    _flip_bit(tmp_path / "checkpoint-4" / "adapters.safetensors")  # one flipped bit, same size
+    notes = []
+    assert find_resume_checkpoint(tmp_path, "auto", log=notes.append).name == "checkpoint-3"
+    assert notes == [f"--resume auto: skipped {tmp_path / 'checkpoint-4'}: adapters.safetensors does not match the sha256 "
+                     "its manifest records (corrupt)"]
+    optimizer = tmp_path / "checkpoint-3" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-9])  # truncated
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()  # incomplete
+    notes = []
+    assert find_resume_checkpoint(tmp_path, "auto", log=notes.append).name == "checkpoint-1"
+    assert len(notes) == 3 and "optimizer.pt is" in notes[1] and "(truncated or overwritten)" in notes[1]
+    assert "trainer_state.json is missing (incomplete artefact)" in notes[2]
+    assert float(load_checkpoint(tmp_path / "checkpoint-1")["adapters"]["w"][0]) == 1.0
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: adapters.safetensors does not match .* \(corrupt\)"):
+        load_checkpoint(tmp_path / "checkpoint-4")  # what every rank does with the agreed checkpoint
+    (tmp_path / "checkpoint-1" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint in .*checkpoint-1: incomplete \\(no manifest.json\\)"):
+        find_resume_checkpoint(tmp_path, "auto")  # nothing intact: refused, not a silent fresh start
+
+
+def test_resume_from_an_explicit_corrupt_checkpoint_is_a_one_line_error(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    ckpt = write_stage1_checkpoint(tiny_model_dir, out)
+    _flip_bit(ckpt / "adapters.safetensors")
+    proc, _ = stage1(tiny_model_dir, out, "--resume", str(ckpt))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"stage 1: error: {ckpt}: adapters.safetensors does not match the sha256 its manifest records (corrupt)")
+    assert "Loading weights" not in proc.stderr + proc.stdout
+
+
+def test_a_changed_base_at_the_same_path_is_refused_by_every_later_step(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from medcare_dist.convert import export_merged, prepare_stage2
+    from medcare_dist.loading import load_trained_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    first, other = write_stage1_checkpoint(base, tmp_path / "a", seed=0), write_stage1_checkpoint(base, tmp_path / "b", seed=1)
+    stage2_base = tmp_path / "stage2-base"
+    prepare_stage2(first, stage2_base, log=lambda *_: None)
+    stage2_ckpt = write_stage2_checkpoint(stage2_base, tmp_path / "run2")
+    load_trained_model(stage2_ckpt)  # fine while the base is the one it was trained on
+    shutil.rmtree(stage2_base)
+    prepare_stage2(other, stage2_base, log=lambda *_: None)  # another stage-1 checkpoint, same path, same sizes
+    with pytest.raises(CheckpointError, match=f"{stage2_ckpt}: its base {stage2_base} changed since it was made"):
+        export_merged(stage2_ckpt, tmp_path / "export", log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="changed since it was made"):
+        load_trained_model(stage2_ckpt)  # what eval loads
+    cfg = TrainConfig(stage=2, model=str(stage2_base), data=["unused"], output_dir=str(tmp_path / "run2"), resume="auto")
+    with pytest.raises(CheckpointError, match="cannot resume from .*: its base_fingerprint is"):
+        check_resume_early(cfg, base_fingerprint(stage2_base))  # a stage-2 resume
+    weights = load_file(str(base / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] += 1.0  # the stage-1 base edited in place: same file size
+    size = (base / "model.safetensors").stat().st_size
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    assert (base / "model.safetensors").stat().st_size == size
+    with pytest.raises(CheckpointError, match=f"{first}: its base {base} changed since it was made"):
+        prepare_stage2(first, tmp_path / "stage2-again", log=lambda *_: None)
+    saved = {"stage": 1, "base_checksum": 1234.5}
+    with pytest.raises(CheckpointError, match="the loaded base's weights sum to 1235.5, the checkpoint's base to 1234.5"):
+        check_resumable(tmp_path, {}, saved, TrainConfig(), {"stage": 1, "base_checksum": 1235.5})  # a resume compares it too
+    check_resumable(tmp_path, {}, saved, TrainConfig(), {"stage": 1, "base_checksum": 1234.5 * (1 + 1e-12)})  # rounding: fine
+
+
+def test_the_base_fingerprint_streams_each_file_once_and_caches_it_elsewhere_for_a_read_only_dir(tiny_model_dir, tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns(artefacts.DIGEST_CACHE))
+    reads = []
+    real = artefacts._sha256
+    monkeypatch.setattr(artefacts, "_sha256", lambda path: reads.append(path.name) or real(path))
+    first = base_fingerprint(base)
+    assert reads == ["model.safetensors"] and (base / artefacts.DIGEST_CACHE).is_file()
+    assert base_fingerprint(base) == first and reads == ["model.safetensors"]  # cached: no second read
+    weights = load_file(str(base / "model.safetensors"))
+    weights[sorted(weights)[0]].view(-1)[0] += 1.0
+    from safetensors.torch import save_file
+
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})  # new mtime: read again
+    assert base_fingerprint(base) != first and reads == ["model.safetensors"] * 2
+    # a dir where the cache cannot be written (a directory in its way stands in for a read-only
+    # mount, which root would ignore): the cache goes under XDG_CACHE_HOME
+    ro = tmp_path / "read-only"
+    shutil.copytree(tiny_model_dir, ro, ignore=shutil.ignore_patterns(artefacts.DIGEST_CACHE))
+    (ro / artefacts.DIGEST_CACHE).mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    reads.clear()
+    assert base_fingerprint(ro) == base_fingerprint(ro) and reads == ["model.safetensors"]
+    assert len(list((tmp_path / "user-cache" / "medcare_dist" / "digests").glob("*.json"))) == 1
 
 
 # --- changed options on resume -------------------------------------------------------------------
