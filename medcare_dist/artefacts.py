@@ -200,7 +200,7 @@ def verify_files(directory: str | Path, manifest: dict | None = None) -> dict:
         if size != want["size"]:
             raise CheckpointError(f"{root}: {name} is {size} bytes, its manifest records {want['size']} (truncated or overwritten)")
         if (file_sha256(f) if big else _sha256(f)) != want["sha256"]:
-            raise CheckpointError(f"{root}: {name} does not match the sha256 its manifest records (corrupt)")
+            raise CheckpointError(f"{root}: {name} does not match the sha256 its manifest records (corrupt, or changed since)")
     return manifest
 
 

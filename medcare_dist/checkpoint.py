@@ -7,7 +7,8 @@
         scheduler.pt           LR scheduler state (for reading: a resume rebuilds the schedule from config and step)
         trainer_state.json     step, data position, world size at save, fp16 loss-scale state
         config.json            the resolved training config
-        manifest.json          stage, base model path + fingerprint, adapter layout, versions
+        manifest.json          stage, base model path + fingerprint, adapter layout, versions, save order,
+                               size and sha256 of every other file (checked before any load)
       latest                   name of the newest complete checkpoint
       metrics.jsonl            one record per logged step (reporting.py)
 

@@ -134,7 +134,7 @@ def test_a_corrupt_truncated_or_incomplete_newest_checkpoint_is_skipped_saying_w
     notes = []
     assert find_resume_checkpoint(tmp_path, "auto", log=notes.append).name == "checkpoint-3"
     assert notes == [f"--resume auto: skipped {tmp_path / 'checkpoint-4'}: adapters.safetensors does not match the sha256 "
-                     "its manifest records (corrupt)"]
+                     "its manifest records (corrupt, or changed since)"]
     optimizer = tmp_path / "checkpoint-3" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:-9])  # truncated
     (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()  # incomplete
@@ -143,7 +143,7 @@ def test_a_corrupt_truncated_or_incomplete_newest_checkpoint_is_skipped_saying_w
     assert len(notes) == 3 and "optimizer.pt is" in notes[1] and "(truncated or overwritten)" in notes[1]
     assert "trainer_state.json is missing (incomplete artefact)" in notes[2]
     assert float(load_checkpoint(tmp_path / "checkpoint-1")["adapters"]["w"][0]) == 1.0
-    with pytest.raises(CheckpointError, match=r"checkpoint-4: adapters.safetensors does not match .* \(corrupt\)"):
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: adapters.safetensors does not match .* \(corrupt"):
         load_checkpoint(tmp_path / "checkpoint-4")  # what every rank does with the agreed checkpoint
     (tmp_path / "checkpoint-1" / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="no intact checkpoint in .*checkpoint-1: incomplete \\(no manifest.json\\)"):
@@ -157,7 +157,7 @@ def test_resume_from_an_explicit_corrupt_checkpoint_is_a_one_line_error(tiny_mod
     proc, _ = stage1(tiny_model_dir, out, "--resume", str(ckpt))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"stage 1: error: {ckpt}: adapters.safetensors does not match the sha256 its manifest records (corrupt)")
+        f"stage 1: error: {ckpt}: adapters.safetensors does not match the sha256 its manifest records (corrupt, or changed since)")
     assert "Loading weights" not in proc.stderr + proc.stdout
 
 
@@ -276,7 +276,8 @@ def test_ranks_that_see_different_checkpoints_refuse_to_resume(tmp_path):
 # --- fp16 -------------------------------------------------------------------------------------
 
 def _fp16_setup(tiny_model_dir):
-    from medcare_dist.model import load_frozen_base, stage1_adapters
+    from medcare_dist.model import load_frozen_base
+    from medcare_dist.stage1 import stage1_adapters
 
     cfg = TrainConfig(model=str(tiny_model_dir), data=["-"], num_experts=2, top_k=2, lora_r=4, lora_dropout=0.0, dtype="fp16",
                       ds_config=str(REPO / "ds_configs" / "zero3.json"))
