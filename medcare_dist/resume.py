@@ -49,8 +49,9 @@ def agreed_resume_checkpoint(output_dir: Path, resume: str, log: Callable[[str],
 def check_resumable(path: Path, saved_config: dict, saved_manifest: dict, cfg: TrainConfig, current: dict,
                     log: Callable[[str], None] = print) -> None:
     """A checkpoint may be resumed by this run: same stage and (where `current` has them)
-    base and data fingerprints, and the same training-defining options, except those named
-    in cfg.resume_override (logged). Otherwise a CheckpointError listing every difference."""
+    base fingerprint, base checksum (the loaded weights' sum) and data fingerprint, and the
+    same training-defining options, except those named in cfg.resume_override (logged).
+    Otherwise a CheckpointError listing every difference."""
     for key in ("stage", "base_fingerprint"):
         if key in current and saved_manifest.get(key) != current[key]:
             raise CheckpointError(f"cannot resume from {path}: its {key} is {saved_manifest.get(key)!r}, this run's is {current[key]!r}")
