@@ -63,15 +63,18 @@ class AdapterSet(nn.Module):
 
     # --- attaching to a base model -------------------------------------------------
 
-    def attach(self, model: nn.Module) -> None:
-        """Hook every adapter onto its base Linear in `model` (which must not own them)."""
+    def attach(self, model: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+        """Hook every adapter onto its base Linear in `model` (which must not own them).
+
+        compute_dtype: the dtype the adapters' matmuls run in (the Linear's input is cast to
+        it, a no-op when it already is); None: the adapters' own (fp32) weight dtype."""
         if self._hooks:
             raise RuntimeError("AdapterSet is already attached")
         modules = dict(model.named_modules())
         for target, adapters in self.targets().items():
             if target not in modules:
                 raise KeyError(f"adapter target {target!r} is not a module of {type(model).__name__}")
-            self._hooks.append(modules[target].register_forward_hook(_adding_hook(adapters)))
+            self._hooks.append(modules[target].register_forward_hook(_adding_hook(adapters, compute_dtype)))
 
     def detach(self) -> None:
         for handle in self._hooks:
@@ -114,12 +117,19 @@ class AdapterSet(nn.Module):
         return out
 
 
-def _adding_hook(adapters: list[nn.Module]) -> Callable:
+def adapter_compute_dtype(name: str, base_dtype: torch.dtype) -> torch.dtype:
+    """`adapter_dtype` option -> matmul dtype. auto: bf16 when the base computes in bf16
+    (the default on GPUs with bf16), else fp32. The weights and optimizer state stay fp32."""
+    if name == "auto":
+        return torch.bfloat16 if base_dtype == torch.bfloat16 else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def _adding_hook(adapters: list[nn.Module], compute_dtype: torch.dtype | None) -> Callable:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
+        x = args[0].to(compute_dtype or next(adapters[0].parameters()).dtype)  # one cast per Linear, shared
         for adapter in adapters:
-            dtype = next(adapter.parameters()).dtype
-            output = output + adapter(x.to(dtype)).to(output.dtype)
+            output = output + adapter(x).to(output.dtype)
         return output
 
     return hook

@@ -6,6 +6,10 @@ They are plain torch modules with no knowledge of DeepSpeed; `AdapterSet.attach`
 
 Weights follow PEFT's layout: `lora_A` is [r, d_in], `lora_B` is [d_out, r], so a LoRA
 delta is `scale * B @ A` and merging into the base is `W += scale * B @ A`.
+
+Precision: the weights are fp32 masters; every matmul runs in the dtype of its input `x`
+(each weight is cast to it on the way in, and its gradient flows back into the fp32 master).
+Which dtype that is is decided by whoever calls the adapter (`AdapterSet.attach`).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class LoRA(nn.Module):
         return self.lora_A.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """The [d_out, d_in] matrix this adapter adds to the base weight."""

@@ -60,10 +60,15 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = False
     seed: int = 42
+    packing: str = "auto"  # auto (on under flash-attention varlen, where exact) | on (exact or refused) | off
+    pack_tokens: int = 0  # tokens per packed row (a micro-batch has micro_batch_size rows); 0: max_length
+    lm_loss: str = "chunked"  # chunked (no full logits) | full | liger (CUDA, liger-kernel)
+    loss_chunk_tokens: int = 1024  # tokens per LM-head chunk of the chunked loss
 
     # runtime
     ds_config: str = "ds_configs/zero3.json"
     dtype: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | fp32
+    adapter_dtype: str = "auto"  # adapter matmul precision, weights stay fp32: auto (bf16 with a bf16 base) | bf16 | fp32
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     keep_last: int = 0  # 0: keep all checkpoints
@@ -88,7 +93,14 @@ class TrainConfig:
             raise ConfigError(f"routed_compute must be 'sparse' or 'dense', got {self.routed_compute!r}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        for name in ("lora_r", "num_experts", "top_k", "num_shared", "global_batch_size", "micro_batch_size", "max_length"):
+        for name, allowed in (("packing", ("auto", "on", "off")), ("lm_loss", ("chunked", "full", "liger")),
+                              ("adapter_dtype", ("auto", "bf16", "fp32"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.pack_tokens and self.pack_tokens < self.max_length:
+            raise ConfigError(f"pack_tokens ({self.pack_tokens}) must be 0 or at least max_length ({self.max_length})")
+        for name in ("lora_r", "num_experts", "top_k", "num_shared", "global_batch_size", "micro_batch_size", "max_length",
+                     "loss_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
@@ -127,7 +139,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # resume refuses a different value unless it is named in `resume_override`. `model` and `data`
 # are compared by content (base fingerprint, data fingerprint), not by path, so moved files resume.
 RUNTIME_OPTIONS = frozenset({
-    "model", "data", "output_dir", "trust_remote_code", "routed_compute", "grad_checkpointing", "ds_config",
+    "model", "data", "output_dir", "trust_remote_code", "routed_compute", "lm_loss", "loss_chunk_tokens", "grad_checkpointing",
+    "ds_config",
     "log_every", "save_every", "keep_last", "resume", "resume_override", "overwrite", "report_to", "timeout_minutes",
 })
 

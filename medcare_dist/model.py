@@ -64,11 +64,21 @@ def load_frozen_base(name_or_path: str, ds_config: dict | None, dtype: torch.dty
     from transformers import AutoModelForCausalLM
 
     keepalive = _DeepSpeedContext(ds_config) if ds_config is not None else None
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=_attention_implementation(dtype))
     model._medcare_ds_context = keepalive
     model.requires_grad_(False)
     model.config.use_cache = False
     return model
+
+
+def _attention_implementation(dtype: torch.dtype) -> str | None:
+    """flash_attention_2 (varlen kernels for packed micro-batches) on CUDA in bf16/fp16 when the
+    flash-attn package is installed; otherwise None, transformers' default (sdpa)."""
+    import importlib.util
+
+    usable = torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16)
+    return "flash_attention_2" if usable and importlib.util.find_spec("flash_attn") else None
 
 
 def enable_activation_checkpointing(model) -> None:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .adapter_set import AdapterSet
+from .adapter_set import AdapterSet, adapter_compute_dtype
 from .artefacts import base_fingerprint, base_record, require_output_dir, versions
 from .checkpoint import check_output_dir
 from .config import TrainConfig, load_config, parse_overrides
@@ -91,12 +91,13 @@ def build_trainer(
     torch.manual_seed(cfg.seed)
     adapters = build_adapters(model, cfg).to(world.device)
     dist_utils.broadcast_params(list(adapters.parameters()))
-    adapters.attach(model)
+    adapter_dtype = adapter_compute_dtype(cfg.adapter_dtype, dtype)
+    adapters.attach(model, adapter_dtype)
     adapters.train()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.train()
     n_trainable = sum(p.numel() for p in trainable_parameters(adapters))
-    log(f"world size {world.world_size}, dtype {dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
+    log(f"world size {world.world_size}, dtype {dtype}, adapter matmuls {adapter_dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
     manifest = {
         "stage": cfg.stage,
         **base_record(source),

@@ -167,7 +167,7 @@ class MoLoRA(nn.Module):
 
     def _top_k(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """Renormalised top-k weights [tokens, k] (fp32) and the routing decision."""
-        probs = F.softmax(self.router(x).float(), dim=-1)
+        probs = F.softmax(F.linear(x, self.router.weight.to(x.dtype), self.router.bias.to(x.dtype)).float(), dim=-1)
         top_w, top_idx = probs.topk(self.top_k, dim=-1)
         return top_w / top_w.sum(dim=-1, keepdim=True), Routing(probs=probs, top_idx=top_idx)
 
@@ -182,10 +182,10 @@ class MoLoRA(nn.Module):
         xd = self.dropout(x)
         if self.routed_compute == "dense":
             gates, self.last_routing = self.route(x)
-            h = F.linear(xd, torch.cat([self.ka_A, self.na_A])) * self.scale  # scaled in rank space: cheap
+            h = F.linear(xd, torch.cat([self.ka_A, self.na_A]).to(x.dtype)) * self.scale  # scaled in rank space: cheap
             ka_h, na_h = h.split([self.shared_rank, self.num_experts * self.rank], dim=-1)
             na_h = na_h * gates.to(h.dtype).repeat_interleave(self.rank, dim=-1)
-            out = F.linear(torch.cat([ka_h, na_h], dim=-1), torch.cat([self.ka_B, self.na_B], dim=-1))
+            out = F.linear(torch.cat([ka_h, na_h], dim=-1), torch.cat([self.ka_B, self.na_B], dim=-1).to(x.dtype))
         else:
             top_w, self.last_routing = self._top_k(x)
             out = self._sparse(xd, top_w, self.last_routing.top_idx)
@@ -197,9 +197,11 @@ class MoLoRA(nn.Module):
         grouped = torch.argsort(expert_of, stable=True)  # assignments grouped by expert, fixed order
         counts = torch.bincount(expert_of, minlength=self.num_experts).tolist()
         rows = grouped // self.top_k
-        h = _ExpertsDown.apply(x, self.na_A, rows, counts)  # [T*k, r]
-        h = h * (top_w.reshape(-1)[grouped] * self.scale).to(h.dtype).unsqueeze(-1)
-        return _ExpertsUp.apply(F.linear(x, self.ka_A) * self.scale, self.ka_B, h, self.na_B, rows, counts)
+        dtype = x.dtype
+        h = _ExpertsDown.apply(x, self.na_A.to(dtype), rows, counts)  # [T*k, r]
+        h = h * (top_w.reshape(-1)[grouped] * self.scale).to(dtype).unsqueeze(-1)
+        ka_h = F.linear(x, self.ka_A.to(dtype)) * self.scale
+        return _ExpertsUp.apply(ka_h, self.ka_B.to(dtype), h, self.na_B.to(dtype), rows, counts)
 
     def knowledge_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the Knowledge Aggregator, the part of this layer stage 2 keeps."""

@@ -7,9 +7,12 @@ layer by layer in forward and backward). The adapters are outside the engine (se
 Exactness by construction:
 - each rank divides its summed token loss by the label-token count of the *global* batch,
   so the summed gradient equals the single-process gradient at any world size;
-- the RNG (LoRA dropout) is reseeded for every micro-batch from (seed, step, micro-batch
-  number within the global batch), so a resumed run replays the same randomness without
-  saving RNG state, on any number of ranks;
+- a global batch is cut into micro-batches that do not depend on the world size
+  (`data.split_global_batch`: fixed-size runs, or token-budget packs), rank r runs pieces
+  r, r + W, ..., and a rank with fewer pieces runs an empty, zero-weight one;
+- the RNG (LoRA dropout) is reseeded for every micro-batch from (seed, step, piece
+  number), so a resumed run replays the same randomness without saving RNG state, on any
+  number of ranks;
 - batches come from a seeded plan (`data.plan_global_batches`), so the data position is
   just (epoch, batch index).
 """
@@ -30,11 +33,11 @@ from . import distributed as dist_utils
 from .adapter_set import AdapterSet
 from .artefacts import adapter_digest, data_fingerprint
 from .checkpoint import TrainState, clear_previous_run, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import DataError, collate, micro_batches_for_rank, plan_global_batches
-from .errors import ConfigError
+from .config import ConfigError, TrainConfig
+from .data import (IGNORE_INDEX, DataError, collate, collate_packed, pieces_for_rank, plan_global_batches,
+                   split_global_batch)
 from .launchers import World
-from .losses import causal_lm_loss_sum
+from .losses import model_lm_loss_sum
 from .model import base_checksum, trainable_parameters
 from .reporting import MetricsReporter
 from .resume import agreed_resume_checkpoint, check_resumable
@@ -98,6 +101,29 @@ def optimizer_step(params, optimizer, scaler, max_grad_norm: float) -> tuple[tor
     return grad_norm, scaler.get_scale() < scale
 
 
+def packing_is_exact(model, adapters) -> bool:
+    """Does this model, with its attention implementation, keep packed records apart? Two
+    short sequences packed in one row (position_ids restarting) must give the logits each
+    gives alone. Dropout off; every rank runs the same three forwards (ZeRO-3)."""
+    device = next(adapters.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (12,), generator=torch.Generator().manual_seed(0)).to(device)
+    first, second = ids[:7], ids[7:]
+    was_training = model.training, adapters.training
+    model.eval(), adapters.eval()
+    try:
+        with torch.no_grad():
+            alone = torch.cat([model(input_ids=x[None]).logits[0] for x in (first, second)])
+            positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))]).to(device)
+            packed = model(input_ids=ids[None], position_ids=positions[None]).logits[0]
+    except TypeError:  # a model whose forward takes no position_ids
+        return False
+    finally:
+        model.train(was_training[0]), adapters.train(was_training[1])
+    tolerance = 1e-4 if alone.dtype == torch.float32 else 3e-2  # relative to the logits' scale; bf16/fp16 round more
+    error = float((packed.float() - alone.float()).abs().max())
+    return error <= tolerance * max(float(alone.float().abs().max()), 1.0)
+
+
 def total_steps(cfg: TrainConfig, num_records: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -130,6 +156,7 @@ class Trainer:
         self.lengths = dataset["length"]
         self.label_tokens = dataset["num_label_tokens"]
         self.manifest = manifest | {"data_fingerprint": data_fingerprint(self.lengths, self.label_tokens), "num_records": len(dataset)}
+        self.pack_tokens = self._packing_budget()
         self.state = TrainState(world_size=world.world_size)
         # metrics.jsonl, plus TensorBoard when cfg.report_to asks (checked here, at startup, on every rank)
         self.reporter = MetricsReporter(self.out_dir, cfg.report_to, enabled=world.is_main)
@@ -178,16 +205,44 @@ class Trainer:
 
     # --- one optimizer step ------------------------------------------------------------
 
-    def _micro_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        if indices:
-            batch = collate([self.dataset[i] for i in indices], self.pad_token_id)
-        else:  # this rank has no record left in the tail batch: a zero-weight forward keeps ZeRO-3 in step
-            batch = {
-                "input_ids": torch.full((1, 2), self.pad_token_id, dtype=torch.long),
-                "labels": torch.full((1, 2), -100, dtype=torch.long),
-                "attention_mask": torch.ones((1, 2), dtype=torch.long),
-            }
-        return {k: v.to(self.world.device) for k, v in batch.items()}
+    def _packing_budget(self) -> int:
+        """Tokens per packed row, or 0 for padded micro-batches.
+
+        auto packs only under a varlen attention (flash_attention_*): sdpa and eager compute a
+        packed row's masked blocks too, and measured on CPU that is slower than padding the
+        length-grouped batches (docs/benchmarks.md). Packing is used only where a probe shows
+        that the model keeps packed records apart; `on` refuses a model where it does not."""
+        cfg = self.cfg
+        attn = getattr(self.model.config, "_attn_implementation", None) or "?"
+        if cfg.packing == "off":
+            return 0
+        if cfg.packing == "auto" and not attn.startswith("flash_attention"):
+            self.log(f"packing off (auto): attention {attn!r} would compute the masked part of packed rows; --packing on packs anyway")
+            return 0
+        if not packing_is_exact(self.model, self.adapters):
+            reason = f"{type(self.model).__name__} with attention {attn!r} lets packed records attend to each other"
+            if cfg.packing == "on":
+                raise ConfigError(f"packing on: {reason}; use --packing off (or auto)")
+            self.log(f"packing off: {reason}; micro-batches are padded")
+            return 0
+        return cfg.pack_tokens or cfg.max_length
+
+    def _micro_batch(self, piece: list[list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(model inputs, labels, token mask [tokens]: real tokens, False for padding)."""
+        if piece:
+            rows, real = [[self.dataset[i] for i in row] for row in piece], True
+        else:  # this rank has no piece left in the batch: a zero-weight forward keeps ZeRO-3 in step
+            rows, real = [[{"input_ids": [self.pad_token_id] * 2, "labels": [IGNORE_INDEX] * 2}]], False
+        if self.pack_tokens:
+            batch = collate_packed(rows, self.pad_token_id)
+            not_pad = batch.pop("real_tokens").reshape(-1)
+        else:
+            batch = collate([record for row in rows for record in row], self.pad_token_id)
+            not_pad = batch["attention_mask"].bool().reshape(-1)
+        token_mask = not_pad if real else torch.zeros_like(not_pad)
+        batch = {k: v.to(self.world.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        return batch, labels, token_mask.to(self.world.device)
 
     def compute_gradients(self, global_batch: list[int]) -> tuple[dict[str, float], int]:
         """Forward and backward of this rank's share of `global_batch`, then the adapter
@@ -196,19 +251,18 @@ class Trainer:
         global_label_tokens = max(1, sum(self.label_tokens[i] for i in global_batch))
         parts: dict[str, float] = {}
         tokens = 0
-        for micro_step, indices in enumerate(micro_batches_for_rank(global_batch, world.world_size, world.rank, cfg.micro_batch_size)):
-            # Micro-batch number k of the global batch holds the same records at any world size
-            # (data.micro_batches_for_rank); seeding from it gives the same dropout masks too.
-            torch.manual_seed(micro_batch_seed(cfg.seed, self.state.step, micro_step * world.world_size + world.rank))
-            batch = self._micro_batch(indices)
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            lm = causal_lm_loss_sum(logits, batch["labels"]) / global_label_tokens
-            share = (batch["labels"][:, 1:] != -100).sum().item() / global_label_tokens
-            token_mask = batch["attention_mask"].bool().reshape(-1)
+        pieces = split_global_batch(global_batch, self.lengths, cfg.micro_batch_size, self.pack_tokens)
+        for number, piece in pieces_for_rank(pieces, world.world_size, world.rank):
+            # Piece k of the global batch holds the same records at any world size
+            # (data.split_global_batch); seeding from k gives the same dropout masks too.
+            torch.manual_seed(micro_batch_seed(cfg.seed, self.state.step, number))
+            inputs, labels, token_mask = self._micro_batch(piece)
+            lm = model_lm_loss_sum(self.model, inputs, labels, cfg.lm_loss, cfg.loss_chunk_tokens) / global_label_tokens
+            share = (labels[:, 1:] != IGNORE_INDEX).sum().item() / global_label_tokens
             terms = {"lm": lm} | {k: v * share for k, v in self.objective.batch_losses(token_mask).items()}
             self.scaler.scale(sum(terms.values())).backward()  # scaled for fp16 only (grad_scaler)
             self.engine.optimizer.partition_all_parameters()  # what ZeRO-3's own optimizer does after backward
-            tokens += int(batch["attention_mask"].sum()) if indices else 0
+            tokens += int(token_mask.sum())
             for k, v in terms.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach())
         # Every rank adds 1/world of the weight-only terms: their summed gradient counts once.

@@ -21,7 +21,6 @@ from medcare_dist.data import (
     build_dataset,
     collate,
     load_dataset_for_training,
-    micro_batches_for_rank,
     normalize_record,
     plan_global_batches,
     preprocess,
@@ -428,19 +427,6 @@ def test_global_batches_change_with_epoch_and_seed_and_are_not_length_sorted():
     assert plan != plan_global_batches(lengths, 8, seed=2, epoch=0)
     longest = [lengths[batch[0]] for batch in plan]
     assert longest != sorted(longest, reverse=True) and longest != sorted(longest)
-
-
-@settings(max_examples=200, deadline=None)
-@given(size=st.integers(1, 100), world_size=st.integers(1, 8), micro_batch_size=st.integers(1, 8))
-def test_micro_batches_split_a_global_batch_evenly_over_ranks(size, world_size, micro_batch_size):
-    global_batch = [3 * i + 1 for i in range(size)]
-    per_rank = [micro_batches_for_rank(global_batch, world_size, r, micro_batch_size) for r in range(world_size)]
-    accum = math.ceil(size / (world_size * micro_batch_size))
-    assert all(len(micro_batches) == accum for micro_batches in per_rank)
-    in_order = [per_rank[rank][step] for step in range(accum) for rank in range(world_size)]
-    assert [i for micro in in_order for i in micro] == global_batch  # consecutive, complete, no duplicates
-    sizes = [len(micro) for micro in in_order]
-    assert max(sizes) <= micro_batch_size and max(sizes) - min(sizes) <= 1
 
 
 def test_collate_pads_right():

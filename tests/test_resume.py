@@ -1,4 +1,8 @@
-"""Resume: exact after a SIGKILL, atomic saves, and a different world size."""
+"""Resume: exact after a SIGKILL, atomic saves, and a different world size.
+
+The runs train on 29 records with a global batch of 8: every epoch ends with a short batch of
+5, and 12 steps cross two epoch ends, so the world-size claim is tested where it is hardest
+(pieces that do not split evenly over the ranks; a rank with no piece in some steps)."""
 
 import json
 import os
@@ -17,14 +21,22 @@ from medcare_dist import checkpoint as ckpt_mod
 from medcare_dist.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 
 STEPS = 12
-ARGS = ["--data", str(SAMPLE / "stage1.jsonl"), "--max_steps", str(STEPS), "--save_every", "4", "--log_every", "1",
+RECORDS = 29
+ARGS = ["--max_steps", str(STEPS), "--save_every", "4", "--log_every", "1",
         "--global_batch_size", "8", "--micro_batch_size", "2", "--lr", "2e-3", "--max_length", "128",
         "--num_experts", "4", "--lora_r", "4", "--keep_last", "2"]
 
 
-def stage1_cmd(model_dir, out, ranks, port, *extra):
+def stage1_cmd(model_dir, data, out, ranks, port, *extra):
     return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), "launch/stage1.py",
-            "--model", str(model_dir), "--output_dir", str(out), *ARGS, *extra]
+            "--model", str(model_dir), "--data", str(data), "--output_dir", str(out), *ARGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / f"stage1_{RECORDS}.jsonl"
+    path.write_text("\n".join((SAMPLE / "stage1.jsonl").read_text().splitlines()[:RECORDS]) + "\n")
+    return path
 
 
 def final_adapters(out):
@@ -32,9 +44,9 @@ def final_adapters(out):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, tmp_path_factory):
+def uninterrupted(tiny_model_dir, uneven_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run_launcher(stage1_cmd(tiny_model_dir, out, 2, 29641), out.parent / "uninterrupted.log")
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, 29641), out.parent / "uninterrupted.log")
     return out
 
 
@@ -51,14 +63,14 @@ def wait_for_step(metrics, step, proc, deadline):
 
 
 @pytest.mark.distributed
-def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path):
+def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(uninterrupted, tiny_model_dir, uneven_data, tmp_path):
     seed = int(os.environ.get("MEDCARE_TEST_SEED", time.time_ns() % 2**32))
     kill_step = random.Random(seed).randint(5, 10)
     print(f"killing at step {kill_step} (seed {seed}; MEDCARE_TEST_SEED={seed} repeats it)")
     out = tmp_path / "killed"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(stage1_cmd(tiny_model_dir, out, 2, 29642), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(stage1_cmd(tiny_model_dir, uneven_data, out, 2, 29642), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
         try:
             wait_for_step(out / "metrics.jsonl", kill_step, proc, time.time() + 300)
@@ -67,7 +79,7 @@ def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(unint
             proc.wait()
     assert not (out / f"checkpoint-{STEPS}").exists(), f"killed at step {kill_step} (seed {seed}) too late"
     assert find_resume_checkpoint(out, "auto").name in ("checkpoint-4", "checkpoint-8")
-    run_launcher(stage1_cmd(tiny_model_dir, out, 2, 29643, "--resume", "auto"), tmp_path / "resumed.log")
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, 29643, "--resume", "auto"), tmp_path / "resumed.log")
     assert "resumed from" in (tmp_path / "resumed.log").read_text()
     want, got = final_adapters(uninterrupted), final_adapters(out)
     assert want.keys() == got.keys()
@@ -77,16 +89,24 @@ def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(unint
 
 
 @pytest.mark.distributed
-def test_resume_on_one_rank_from_a_two_rank_checkpoint_matches(uninterrupted, tiny_model_dir, tmp_path):
-    out = tmp_path / "one_rank"
-    out.mkdir()
-    shutil.copytree(uninterrupted / "checkpoint-8", out / "checkpoint-8")
-    run_launcher(stage1_cmd(tiny_model_dir, out, 1, 29644, "--resume", "auto"), tmp_path / "one_rank.log")
+def test_resume_two_ranks_to_one_then_one_to_two_matches_the_uninterrupted_run(uninterrupted, tiny_model_dir, uneven_data, tmp_path):
+    one, two = tmp_path / "one_rank", tmp_path / "two_ranks"
+    one.mkdir()
+    two.mkdir()
+    shutil.copytree(uninterrupted / "checkpoint-8", one / "checkpoint-8")
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, one, 1, 29644, "--resume", "auto", "--save_every", "2"),
+                 tmp_path / "one_rank.log")  # steps 9-12 on one rank; step 12 is the epoch's short batch
     assert "saved by 2 rank(s), now 1" in (tmp_path / "one_rank.log").read_text()
-    want, got = final_adapters(uninterrupted), final_adapters(out)
-    for name in want:
-        err = float((got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-12))
-        assert err <= 1e-5, f"{name}: relative difference {err:.2e}"
+    shutil.copytree(one / "checkpoint-10", two / "checkpoint-10")  # steps 9-10 were trained on one rank
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, two, 2, 29645, "--resume", "auto"), tmp_path / "two_ranks.log")
+    assert "saved by 1 rank(s), now 2" in (tmp_path / "two_ranks.log").read_text()
+    want = final_adapters(uninterrupted)
+    for label, out in (("2 -> 1", one), ("2 -> 1 -> 2", two)):
+        got = final_adapters(out)
+        assert got.keys() == want.keys()
+        for name in want:
+            err = float((got[name] - want[name]).norm() / want[name].norm().clamp(min=1e-12))
+            assert err <= 1e-5, f"{label}: {name}: relative difference {err:.2e}"
 
 
 def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_path, monkeypatch):

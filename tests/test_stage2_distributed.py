@@ -24,7 +24,8 @@ MEDIUM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num
 # at a time is a layer or two. With the production values (reuse distance 1e9 elements, sized
 # for multi-billion models) it keeps this whole small model gathered between forward and backward.
 DS_CONFIG = "tests/dist/zero3_small_buckets.json"
-ARGS = ["--ds_config", DS_CONFIG, "--lora_dropout", "0", "--global_batch_size", "8", "--micro_batch_size", "1", "--max_length", "64", "--ortho_lambda", "1.0"]
+ARGS = ["--ds_config", DS_CONFIG, "--lora_dropout", "0", "--global_batch_size", "8", "--micro_batch_size", "1", "--max_length", "64", "--ortho_lambda", "1.0",
+        "--packing", "on"]  # packed rows (one record each at this length) and the chunked loss; the reference pads, full logits
 
 
 @pytest.fixture(scope="module")

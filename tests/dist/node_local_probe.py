@@ -27,12 +27,9 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-COLLECTIVES = [
-    "all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter", "reduce_scatter_tensor",
-    "_reduce_scatter_base", "broadcast", "reduce", "all_to_all", "all_to_all_single", "barrier", "send", "recv",
-    "isend", "irecv", "scatter", "gather", "all_gather_object", "broadcast_object_list", "allgather_fn",
-    "reduce_scatter_fn", "all_gather_coalesced", "all_reduce_coalesced", "inference_all_reduce", "monitored_barrier",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
+from collectives import CollectivePatch  # noqa: E402
+
 STEPS = 3  # optimizer steps recorded after the gradient pass
 # ZeRO-3 settings under which even the tiny test model is gathered submodule by submodule in
 # forward and again in backward (nothing persistent, prefetched or kept for reuse), as a
@@ -45,7 +42,7 @@ GATHER_EVERY_USE = {
 }
 
 
-class CollectiveRecorder:
+class CollectiveRecorder(CollectivePatch):
     """Records every collective of torch.distributed and deepspeed.comm while active."""
 
     def __init__(self):
@@ -54,27 +51,12 @@ class CollectiveRecorder:
         import torch.distributed
         import torch.distributed.distributed_c10d
 
-        self.modules = [torch.distributed, torch.distributed.distributed_c10d, deepspeed.comm, deepspeed.comm.comm]
+        super().__init__([torch.distributed, torch.distributed.distributed_c10d, deepspeed.comm, deepspeed.comm.comm])
         self.calls: dict[tuple, int] = defaultdict(int)
         self.label, self.phase = "", "after_forward"
         self._depth = threading.local()
-        self._saved = []
 
-    def __enter__(self):
-        for module in self.modules:
-            for name in COLLECTIVES:
-                fn = getattr(module, name, None)
-                if callable(fn):
-                    self._saved.append((module, name, fn))
-                    setattr(module, name, self._wrap(name, fn))
-        return self
-
-    def __exit__(self, *exc):
-        for module, name, fn in reversed(self._saved):
-            setattr(module, name, fn)
-        self._saved = []
-
-    def _wrap(self, name, fn):
+    def wrap(self, module, name, fn):
         def recorded(*args, **kwargs):
             depth = getattr(self._depth, "n", 0)
             if depth == 0:
@@ -139,10 +121,10 @@ def probe_main(argv: list[str]) -> None:
     from safetensors.torch import save_file
 
     from medcare_dist.data import plan_global_batches
-    from medcare_dist.model import stage1_adapters
+    from medcare_dist.stage1 import stage1_adapters
     from medcare_dist.node_local import node_id
     from medcare_dist.recipe import build_trainer, config_from_argv
-    from medcare_dist.routing import RouterObjective
+    from medcare_dist.stage1 import RouterObjective
 
     i = argv.index("--probe_out")
     out = Path(argv[i + 1])

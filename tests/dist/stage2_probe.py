@@ -19,49 +19,28 @@ import torch.distributed
 import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 from safetensors.torch import save_file
 
+from collectives import CollectivePatch  # tests/dist, the script's own directory
+
 from medcare_dist.data import plan_global_batches
 from medcare_dist.recipe import build_trainer, config_from_argv
 from medcare_dist.losses import orthogonal_penalty
 from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
 
-COLLECTIVES = [
-    "all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter", "reduce_scatter_tensor",
-    "_reduce_scatter_base", "broadcast", "reduce", "all_to_all", "all_to_all_single", "barrier", "send", "recv",
-    "isend", "irecv", "scatter", "gather", "all_gather_object", "broadcast_object_list", "allgather_fn",
-    "reduce_scatter_fn", "all_gather_coalesced", "inference_all_reduce",
-]
-
-
-class CollectiveCounter:
+class CollectiveCounter(CollectivePatch):
     """Counts calls to every collective of torch.distributed and deepspeed.comm while active."""
 
     def __init__(self):
         import deepspeed.comm
 
-        self.modules = [torch.distributed, deepspeed.comm]
+        super().__init__([torch.distributed, deepspeed.comm])
         self.calls: list[str] = []
-        self._saved = []
 
-    def __enter__(self):
-        for module in self.modules:
-            for name in COLLECTIVES:
-                fn = getattr(module, name, None)
-                if callable(fn):
-                    self._saved.append((module, name, fn))
-                    setattr(module, name, self._wrap(f"{module.__name__}.{name}", fn))
-        return self
-
-    def _wrap(self, label, fn):
+    def wrap(self, module, name, fn):
         def counted(*args, **kwargs):
-            self.calls.append(label)
+            self.calls.append(f"{module.__name__}.{name}")
             return fn(*args, **kwargs)
 
         return counted
-
-    def __exit__(self, *exc):
-        for module, name, fn in self._saved:
-            setattr(module, name, fn)
-        self._saved = []
 
 
 def status_line(key: str) -> int:
