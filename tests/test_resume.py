@@ -94,8 +94,9 @@ def test_resume_two_ranks_to_one_then_one_to_two_matches_the_uninterrupted_run(u
     one.mkdir()
     two.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-8", one / "checkpoint-8")
-    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, one, 1, 29644, "--resume", "auto", "--save_every", "2"),
-                 tmp_path / "one_rank.log")  # steps 9-12 on one rank; step 12 is the epoch's short batch
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, one, 1, 29644, "--resume", "auto")
+    cmd[cmd.index("--save_every") + 1] = "2"  # an option is given once
+    run_launcher(cmd, tmp_path / "one_rank.log")  # steps 9-12 on one rank; step 12 is the epoch's short batch
     assert "saved by 2 rank(s), now 1" in (tmp_path / "one_rank.log").read_text()
     shutil.copytree(one / "checkpoint-10", two / "checkpoint-10")  # steps 9-10 were trained on one rank
     run_launcher(stage1_cmd(tiny_model_dir, uneven_data, two, 2, 29645, "--resume", "auto"), tmp_path / "two_ranks.log")
@@ -133,14 +134,16 @@ def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_p
 
 
 @pytest.mark.distributed
-def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_one_record_per_step(uninterrupted, tiny_model_dir, tmp_path):
+def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_one_record_per_step(uninterrupted, tiny_model_dir,
+                                                                                                  uneven_data, tmp_path):
     """The finished run's dir (checkpoints 8 and 12, metrics of steps 1-12) resumed from
     checkpoint-8 on one rank, with a new lr and length accepted by --resume_override."""
     from transformers import get_cosine_schedule_with_warmup
 
     out = tmp_path / "older"
     shutil.copytree(uninterrupted, out)
-    cmd = stage1_cmd(tiny_model_dir, out, 1, 29645, "--resume", str(out / "checkpoint-8"), "--resume_override", "lr,max_steps")
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 1, 29646, "--resume", str(out / "checkpoint-8"), "--resume_override",
+                     "lr,max_steps")
     cmd[cmd.index("--lr") + 1], cmd[cmd.index("--max_steps") + 1] = "1e-3", "14"
     run_launcher(cmd, tmp_path / "older.log")
     log = (tmp_path / "older.log").read_text()
