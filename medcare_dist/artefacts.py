@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -81,15 +82,146 @@ def base_model_dir(manifest: dict) -> Path:
 # --- identities: fingerprints, digests, versions --------------------------------------------
 
 def base_fingerprint(model_dir: str | Path) -> str:
-    """Cheap identity of an HF model dir: its config plus the names and sizes of its weight
-    files (hashing a 28 GB checkpoint on every save would cost minutes)."""
+    """Identity of an HF model dir by content: its config.json and the sha256 of every weight
+    file (model*.safetensors, *.bin). Each file is streamed once; its digest is cached,
+    keyed by size and mtime (`file_sha256`), so later checks cost a stat per file."""
     root = Path(model_dir)
     if not root.is_dir():
         return f"hub:{model_dir}"
     h = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
     for f in sorted(root.glob("model*.safetensors")) + sorted(root.glob("*.bin")):
+        h.update(f"{f.name}:{file_sha256(f)}".encode())
+    return h.hexdigest()[:16]
+
+
+def check_base(manifest: dict, artefact: str | Path) -> Path:
+    """The base dir a manifest records, refused if its content changed since `artefact` was
+    made (a prepared stage-2 base is also checked against its own manifest's digests)."""
+    base = base_model_dir(manifest)
+    found = base_fingerprint(base)
+    if found != manifest["base_fingerprint"]:
+        raise CheckpointError(f"{artefact}: its base {base} changed since it was made (weights fingerprint {found}, "
+                              f"recorded {manifest['base_fingerprint']}): use the base it was made on")
+    if (base / MANIFEST_FILE).exists():
+        verify_files(base)
+    return base
+
+
+def verify_artefact(path: str | Path) -> dict:
+    """Everything a later step checks before it uses an artefact: the digests of its files
+    (verify_files); for a prepared stage-2 base, that its weights still have the fingerprint it
+    was written with; for a checkpoint, that its base is unchanged (check_base). Returns its
+    manifest."""
+    manifest = verify_files(path)
+    kind = describe(path)
+    if kind == "stage2-base" and base_fingerprint(path) != manifest["base_fingerprint"]:
+        raise CheckpointError(f"{path}: the weights or config changed after prepare-stage2 (fingerprint mismatch)")
+    if kind in ("stage1-checkpoint", "stage2-checkpoint"):
+        check_base(manifest, path)
+    return manifest
+
+
+# --- file digests: what a manifest records of its artefact's files ----------------------------
+
+DIGEST_CACHE = ".medcare_digests.json"  # beside the files it describes: {name: {size, mtime_ns, sha256}}
+
+
+def _cache_paths(directory: Path) -> list[Path]:
+    """Where a dir's digest cache lives: beside the files, else (read-only dir) under the
+    user's cache dir, named after the dir's absolute path."""
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medcare_dist" / "digests"
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
+    return [directory / DIGEST_CACHE, user / f"{key}.json"]
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, streamed; cached per dir, keyed by (size, mtime_ns): an unchanged
+    file is not read again, a rewritten one is."""
+    path = Path(path)
+    st = path.stat()
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    places = _cache_paths(path.parent)
+    for place in places:
+        entry = _read_cache(place).get(path.name)
+        if entry and {k: entry.get(k) for k in key} == key:
+            return entry["sha256"]
+    digest = _sha256(path)
+    for place in places:
+        cache = _read_cache(place)
+        cache[path.name] = {**key, "sha256": digest}
+        tmp = place.with_name(f"{place.name}.{os.getpid()}.tmp")
+        try:
+            place.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+            os.replace(tmp, place)
+            break
+        except OSError:  # read-only: the next place
+            tmp.unlink(missing_ok=True)
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def record_files(directory: str | Path, cache: bool = False) -> dict[str, dict]:
+    """{name: {"size", "sha256"}} of every file of an artefact dir (not the manifest or the
+    digest cache): what its manifest records under "files". `cache`: for large weights that
+    later steps check again (file_sha256); checkpoints are hashed directly."""
+    root = Path(directory)
+    files = sorted(f for f in root.iterdir() if f.is_file() and f.name not in (MANIFEST_FILE, DIGEST_CACHE) and not f.name.endswith(".tmp"))
+    return {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f) if cache else _sha256(f)} for f in files}
+
+
+def verify_files(directory: str | Path, manifest: dict | None = None) -> dict:
+    """Check every file the manifest records: present, the recorded size (else: truncated or
+    grown), the recorded sha256 (else: corrupt). Returns the manifest; a CheckpointError
+    names the first file at fault. Manifests written before digests were recorded have no
+    "files" and pass unchecked."""
+    root = Path(directory)
+    manifest = read_manifest(root) if manifest is None else manifest
+    big = manifest.get("kind") == STAGE2_KIND  # weights: through the digest cache
+    for name, want in sorted(manifest.get("files", {}).items()):
+        f = root / name
+        if not f.is_file():
+            raise CheckpointError(f"{root}: {name} is missing (incomplete artefact)")
+        size = f.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{root}: {name} is {size} bytes, its manifest records {want['size']} (truncated or overwritten)")
+        if (file_sha256(f) if big else _sha256(f)) != want["sha256"]:
+            raise CheckpointError(f"{root}: {name} does not match the sha256 its manifest records (corrupt, or changed since)")
+    return manifest
+
+
+def checkpoint_identity(path: str | Path) -> str:
+    """What every rank must see alike of the checkpoint it resumes from: the bytes of its
+    manifest (step, save order, adapter digest) and the names and sizes of its files;
+    "missing" where it has no manifest."""
+    path = Path(path)
+    if not (path / MANIFEST_FILE).is_file():
+        return "missing"
+    h = hashlib.sha256((path / MANIFEST_FILE).read_bytes())
+    for f in sorted(path.iterdir()):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+def data_fingerprint(lengths, label_tokens) -> str:
+    """Identity of the training data as the batch plan and the loss see it: the number of
+    records and each record's token and label-token count (what a resume must find unchanged;
+    cheap, unlike hashing every token)."""
+    return hashlib.sha256(json.dumps([list(lengths), list(label_tokens)]).encode()).hexdigest()[:16]
 
 
 def adapter_digest(tensors: dict[str, torch.Tensor]) -> str:

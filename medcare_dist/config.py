@@ -73,6 +73,8 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     keep_last: int = 0  # 0: keep all checkpoints
     resume: str = ""  # "" | auto | path to a checkpoint
+    resume_override: list[str] = field(default_factory=list)  # training-defining options allowed to differ on resume
+    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in output_dir
     report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard]
     timeout_minutes: float = 30.0
 
@@ -109,6 +111,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value) or not ok(value):
                 raise ConfigError(f"{name} must be {wanted}, got {value}")
+        if self.overwrite and self.resume:
+            raise ConfigError(f"--overwrite deletes the checkpoints that --resume {self.resume} would continue from: pass one of them")
+        self.resume_override = [n for item in self.resume_override for n in item.split(",") if n]  # `lr,max_steps` or `lr max_steps`
+        unknown = [name for name in self.resume_override if name not in _FIELDS]
+        if unknown:
+            raise ConfigError(f"resume_override: unknown option(s) {unknown}; known: {', '.join(sorted(_FIELDS))}")
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:
@@ -125,6 +133,29 @@ class TrainConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# Options a resume may change freely: where things are, how often to log and save, runtime
+# knobs that leave the numbers unchanged. Every other option defines the training run, and a
+# resume refuses a different value unless it is named in `resume_override`. `model` and `data`
+# are compared by content (base fingerprint, data fingerprint), not by path, so moved files resume.
+RUNTIME_OPTIONS = frozenset({
+    "model", "data", "output_dir", "trust_remote_code", "routed_compute", "lm_loss", "loss_chunk_tokens", "grad_checkpointing",
+    "ds_config",
+    "log_every", "save_every", "keep_last", "resume", "resume_override", "overwrite", "report_to", "timeout_minutes",
+})
+
+
+def resume_differences(saved: dict, current: TrainConfig) -> dict[str, tuple]:
+    """Training-defining options whose value in a checkpoint's config differs from `current`'s:
+    {option: (saved, current)}. An option the checkpoint predates counts as its default."""
+    now = current.to_dict()
+    defaults = TrainConfig().to_dict()
+    return {
+        name: (saved.get(name, defaults[name]), now[name])
+        for name in _FIELDS
+        if name not in RUNTIME_OPTIONS and saved.get(name, defaults[name]) != now[name]
+    }
+
 
 # (option, check, what it must be): range checks beyond the type, all applied at load.
 _RANGES = [

@@ -30,7 +30,7 @@ from .adapters import lora_scale
 from .artefacts import (
     ADAPTERS_FILE, KNOWLEDGE_FILE, STAGE2_KIND, adapter_tensor_name, base_fingerprint, base_model_dir, checkpoint_config,
     describe,
-    lora_pairs, read_manifest, require_empty_dir, versions, write_manifest,
+    lora_pairs, read_manifest, record_files, require_empty_dir, verify_artefact, versions, write_manifest,
 )
 from .errors import CheckpointError
 from .hf_io import ShardedWriter, copy_side_files, iter_tensors, parse_size, weight_files
@@ -67,10 +67,9 @@ def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard
     if manifest.get("stage") != 1:
         raise CheckpointError(f"{ckpt}: a stage-{manifest.get('stage')} artefact, not a stage-1 checkpoint")
     require_empty_dir(out)
+    verify_artefact(ckpt)  # its files' digests, and a base whose weights have not changed since stage 1
     cfg = checkpoint_config(ckpt)
     base_dir = base_model_dir(manifest)
-    if base_fingerprint(base_dir) != manifest["base_fingerprint"]:
-        raise CheckpointError(f"base model {base_dir} differs from the one stage 1 trained on (fingerprint mismatch)")
     adapters = load_file(str(ckpt / ADAPTERS_FILE))
     scale = lora_scale(cfg.lora_alpha, cfg.lora_r, cfg.use_rslora)
 
@@ -96,6 +95,7 @@ def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard
         "original_base_model": manifest["base_model"],
         "original_base_source": manifest.get("base_source"),
         "original_base_fingerprint": manifest["base_fingerprint"],
+        "files": record_files(out, cache=True),  # the weights hashed once here; later checks read the cache
         "base_fingerprint": base_fingerprint(out),
         "merged_attention_targets": sorted(attn),
         "dropped": "Noise Aggregator (routed experts and routers)",
@@ -150,7 +150,7 @@ def export_merged(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf1
                               "Run prepare-stage2 (a plain HF model of the merged base) or export --adapter-only")
     _require(checkpoint, ("stage2-checkpoint",), "a merged export")
     require_empty_dir(out)
-    manifest = read_manifest(checkpoint)
+    manifest = verify_artefact(checkpoint)  # digests, and its stage-2 base unchanged since training
     base = base_model_dir(manifest)
     deltas, scale = stage2_deltas(checkpoint)
     merged, shards = merge_into_base(base, out, deltas, scale, max_shard_size, DTYPES[dtype])
@@ -198,7 +198,7 @@ def export_adapter(checkpoint: str | Path, out_dir: str | Path, log=print) -> Pa
     checkpoint, out = Path(checkpoint), Path(out_dir)
     kind = _require(checkpoint, ("stage1-checkpoint", "stage2-checkpoint"), "--adapter-only")
     require_empty_dir(out)
-    manifest = read_manifest(checkpoint)
+    manifest = verify_artefact(checkpoint)
     cfg = checkpoint_config(checkpoint)
     if kind == "stage2-checkpoint":
         deltas, scale = stage2_deltas(checkpoint)

@@ -11,8 +11,8 @@ host that does not answer; "connection refused" is waited for up to the collecti
 since rank 0 may simply not be up yet), and on CUDA a LOCAL_RANK below the GPU count.
 
 After joining, a liveness channel (`medcare_dist/liveness.py`) tells every rank which rank
-died or failed, so that the job ends at once with a message naming it, instead of hanging
-until the collective timeout. `MEDCARE_LIVENESS=0` turns it off.
+died, failed or stopped answering, so that the job ends with a message naming it, instead of
+hanging until the collective timeout. `MEDCARE_LIVENESS=0` turns it off.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError, DistributedSetupError
 from .launchers import World, env_from_launcher, free_port, launch_world_size, world_size_origin
-from .liveness import Liveness, one_line
+from .liveness import Liveness, one_line, unresponsive_after
 
 DEFAULT_CONNECT_TIMEOUT_S = 60.0
 
@@ -158,6 +158,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
 
     import deepspeed
 
+    from .jit_lock import clear_stale_locks
+
+    clear_stale_locks()  # a lock left by a killed process would make DeepSpeed's comm-op load below wait forever
     use_cuda = torch.cuda.is_available()
     try:
         deepspeed.init_distributed(
@@ -187,7 +190,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
         device = torch.device("cpu")
     world = World(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
     if world_size > 1 and os.environ.get("MEDCARE_LIVENESS", "1") != "0":
-        _liveness = Liveness.start(world, grace_s=min(30.0, timeout_s), gather_objects=gather_objects)
+        _liveness = Liveness.start(world, grace_s=min(30.0, timeout_s), gather_objects=gather_objects,
+                                   silence_s=unresponsive_after(timeout_s))
     return world
 
 

@@ -1,4 +1,4 @@
-"""Who died, told to everyone: a liveness channel beside the process group.
+"""Who died or stopped answering, told to everyone: a liveness channel beside the process group.
 
 Every rank keeps one TCP connection to a small server thread on rank 0. A rank that dies
 (killed, crashed, node down) or fails with an exception is noticed at once by rank 0, which
@@ -6,21 +6,36 @@ tells every other rank; each survivor prints which rank failed and exits (status
 has not already failed on its own within a grace period. This names the failed rank and
 stops the job when no launcher kills the survivors (one `deepspeed --no_ssh` runner per
 node, pdsh), and keeps a NCCL job from hanging until the collective timeout.
+
+A rank that stops answering without dying (SIGSTOP, a hung host, a process frozen outside
+Python) keeps its TCP connection open, so both ends also send a heartbeat every few seconds
+from a thread of their own: a rank silent for `silence_s` (MEDCARE_UNRESPONSIVE_S, default
+half the collective timeout, at most 120 s) is named as unresponsive, well before the
+collective timeout would end the job with a raw backend error.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import selectors
 import socket
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .launchers import World
 
 EXIT_PEER_FAILED = 3  # status of a rank that stops because another rank failed
+
+
+def unresponsive_after(collective_timeout_s: float) -> float:
+    """Seconds of heartbeat silence after which a rank is named as unresponsive: before the
+    collective timeout, so that the liveness channel speaks first."""
+    default = min(120.0, collective_timeout_s / 2)
+    return float(os.environ.get("MEDCARE_UNRESPONSIVE_S", default))
 
 
 def keepalive(sock: socket.socket) -> None:
@@ -42,15 +57,22 @@ class Liveness:
     """One TCP connection per rank to a server thread on rank 0.
 
     Clients send `hello RANK`, then `bye` (clean exit) or `fail TEXT` (exception) when they
-    leave. A connection that closes without either belongs to a rank that died. Rank 0 tells
-    every other rank about the first failure with `lost RANK TEXT`; when rank 0 itself dies,
-    its clients see their connection close. Every survivor then prints the failed rank and,
-    after `grace_s`, exits with EXIT_PEER_FAILED if its main thread has not failed on its own
-    (a gloo collective fails at once; a NCCL one would wait for the full timeout).
+    leave. A connection that closes without either belongs to a rank that died. Both ends
+    send `beat` every `beat_s`; a client silent for `silence_s` is unresponsive, and so is
+    rank 0 to a client that hears nothing from it for as long. Rank 0 tells every other rank
+    about the first failure with `lost RANK TEXT`; when rank 0 itself dies, its clients see
+    their connection close. Every survivor then prints the failed rank and, after `grace_s`,
+    exits with EXIT_PEER_FAILED if its main thread has not failed on its own (a gloo
+    collective fails at once when a peer dies; nothing fails when a peer only stops).
     """
 
-    def __init__(self, world: World, peers: list[tuple[str, int]], grace_s: float):
+    def __init__(self, world: World, peers: list[tuple[str, int]], grace_s: float, silence_s: float = 120.0):
         self.world, self.peers, self.grace_s = world, peers, grace_s
+        self.silence_s = silence_s
+        self.beat_s = max(0.2, min(5.0, silence_s / 4))
+        self.closing = threading.Event()  # set by close(): heartbeats stop
+        self.send_lock = threading.Lock()  # one writer at a time on a client's socket
+        self.last_seen: dict[int, float] = {}  # rank 0: when each client was last heard from
         self.leaving_cleanly = False  # set by close(None): from then on a closed connection is expected
         self.failure: tuple[int, str] | None = None  # the first failed rank, and how
         self.failed = threading.Event()
@@ -63,7 +85,7 @@ class Liveness:
         self.all_left = threading.Event()
 
     @classmethod
-    def start(cls, world: World, grace_s: float, gather_objects) -> "Liveness":
+    def start(cls, world: World, grace_s: float, gather_objects, silence_s: float = 120.0) -> "Liveness":
         """`gather_objects(obj)`: every rank's obj in rank order (distributed.gather_objects)."""
         server = None
         port = 0
@@ -74,9 +96,10 @@ class Liveness:
                 server = socket.create_server(("", 0))
             port = server.getsockname()[1]
         table = gather_objects((socket.gethostname(), os.getpid(), port))
-        self = cls(world, [(h, p) for h, p, _ in table], grace_s)
+        self = cls(world, [(h, p) for h, p, _ in table], grace_s, silence_s)
         if world.rank == 0:
             self.server = server
+            self.last_seen = {r: time.monotonic() for r in range(1, world.world_size)}  # a rank that never says hello counts too
             hosts = sorted({h for h, _ in self.peers})
             ranks = ", ".join(f"{r}:{h}/{p}" for r, (h, p) in enumerate(self.peers[:16]))
             more = f", ... ({world.world_size} ranks)" if world.world_size > 16 else ""
@@ -89,6 +112,7 @@ class Liveness:
             sock.sendall(f"hello {world.rank}\n".encode())
             self.sock = sock
             threading.Thread(target=self._listen, name="medcare-liveness-client", daemon=True).start()
+            threading.Thread(target=self._beat, name="medcare-liveness-heartbeat", daemon=True).start()
         return self
 
     def describe(self, rank: int) -> str:
@@ -100,8 +124,14 @@ class Liveness:
         sel = selectors.DefaultSelector()
         sel.register(self.server, selectors.EVENT_READ)
         buffers: dict[socket.socket, bytes] = {}
+        next_beat = time.monotonic()
         while True:
-            for key, _ in sel.select(timeout=1.0):
+            now = time.monotonic()
+            if now >= next_beat:
+                self._beat_clients()
+                self._check_silence(now)
+                next_beat = now + self.beat_s
+            for key, _ in sel.select(timeout=max(0.0, next_beat - time.monotonic())):
                 sock = key.fileobj
                 if sock is self.server:
                     try:
@@ -120,6 +150,9 @@ class Liveness:
                 except OSError as err:
                     data, error = b"", err
                 if data:
+                    rank = self.clients.get(sock)
+                    if rank is not None:
+                        self.last_seen[rank] = time.monotonic()
                     buffers[sock] += data
                     while b"\n" in buffers[sock]:
                         line, buffers[sock] = buffers[sock].split(b"\n", 1)
@@ -128,6 +161,7 @@ class Liveness:
                 sel.unregister(sock)
                 with self.lock:
                     rank = self.clients.pop(sock, None)
+                self.last_seen.pop(rank, None)
                 sock.close()
                 if rank is not None and rank not in self.left:
                     why = f"lost its connection to rank 0 ({error.strerror or error}): its host may be down or unreachable" if error else (
@@ -135,11 +169,31 @@ class Liveness:
                     self._record_failure(rank, why)
                 self._check_all_left()
 
+    def _beat_clients(self) -> None:
+        with self.lock:
+            targets = [s for s, r in self.clients.items() if r is not None]
+        for s in targets:
+            try:
+                s.send(b"beat\n", socket.MSG_DONTWAIT)  # never block on a client that stopped reading
+            except OSError:
+                pass
+
+    def _check_silence(self, now: float) -> None:
+        for rank, seen in list(self.last_seen.items()):
+            if rank not in self.left and now - seen > self.silence_s:
+                self._record_failure(rank, self._silent_why(now - seen))
+                return
+
+    def _silent_why(self, seconds: float) -> str:
+        return (f"has not answered for {seconds:.0f} s (heartbeat limit {self.silence_s:.0f} s, MEDCARE_UNRESPONSIVE_S): "
+                "stopped (SIGSTOP), frozen, or its host is overloaded or unreachable")
+
     def _on_client_line(self, sock: socket.socket, line: str) -> None:
         word, _, rest = line.partition(" ")
         if word == "hello":
             with self.lock:
                 self.clients[sock] = int(rest)
+            self.last_seen[int(rest)] = time.monotonic()
         elif word == "bye":
             self.left.add(self.clients.get(sock))
             self._check_all_left()
@@ -167,10 +221,29 @@ class Liveness:
         self._on_peer_failure(rank, why)
 
     # -- other ranks -----------------------------------------------------------------------
+    def _beat(self) -> None:
+        while not self.closing.wait(self.beat_s):
+            with self.send_lock:
+                if self.closing.is_set():
+                    return
+                try:
+                    self.sock.send(b"beat\n", socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+
     def _listen(self) -> None:
         buffer = b""
         error = None
+        heard = time.monotonic()
         while True:
+            ready, _, _ = select.select([self.sock], [], [], self.beat_s)
+            if not ready:
+                silent = time.monotonic() - heard
+                if silent > self.silence_s and not self.closing.is_set():
+                    self._on_peer_failure(0, self._silent_why(silent))
+                    return
+                continue
+            heard = time.monotonic()
             try:
                 data = self.sock.recv(4096)
             except OSError as err:
@@ -222,6 +295,8 @@ class Liveness:
         else:
             with self.lock:
                 self.leaving_cleanly = True
+        with self.send_lock:
+            self.closing.set()
         reason = f"fail {one_line(f'{type(error).__name__}: {error}')}\n" if error is not None else ""
         if self.world.rank == 0:
             if error is None:
@@ -237,7 +312,8 @@ class Liveness:
             return  # the server thread is a daemon; its sockets close with the process
         msg = reason or "bye\n"
         try:
-            self.sock.sendall(msg.encode())
+            with self.send_lock:
+                self.sock.sendall(msg.encode())
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass

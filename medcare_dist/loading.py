@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from .adapter_set import AdapterSet
-from .artefacts import ADAPTERS_FILE, base_model_dir, checkpoint_config, describe, read_manifest
+from .artefacts import ADAPTERS_FILE, base_model_dir, checkpoint_config, describe, read_manifest, verify_artefact
 from .config import TrainConfig
 from .hub import resolve_model
 from .model import load_frozen_base
@@ -52,6 +52,8 @@ def load_trained_model(path: str | Path, dtype: torch.dtype = torch.float32, tru
     """(model in eval mode with the artefact's adapters attached, tokenizer, adapters or None)."""
     from transformers import AutoTokenizer
 
+    if describe(path) != "hf":
+        verify_artefact(path)  # digests, and a base unchanged since the artefact was made
     base = base_dir_of(path)
     model = load_frozen_base(str(base), None, dtype, trust_remote_code)
     adapters = load_adapters(model, path)

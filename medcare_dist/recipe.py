@@ -14,15 +14,17 @@ from typing import Callable
 import torch
 
 from .adapter_set import AdapterSet, adapter_compute_dtype
-from .artefacts import base_record, require_output_dir, versions
+from .artefacts import base_fingerprint, base_record, require_output_dir, versions
+from .checkpoint import check_output_dir
 from .config import TrainConfig, load_config, parse_overrides
-from .errors import MedcareError
+from .errors import ConfigError, MedcareError
 from .chat import pad_token_id
 from .hf_io import check_model_dir
 from .hub import resolve_model
 from .launchers import launch_rank, without_local_rank
 from .model import enable_activation_checkpointing
 from .reporting import check_report_to
+from .resume import check_resume_early
 from .trainer import Objective, Trainer
 
 
@@ -65,11 +67,15 @@ def build_trainer(
 
         datasets.disable_progress_bars()
     check_report_to(cfg.report_to)
+    check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
     manifest_extra = check_inputs(cfg) if check_inputs else {}
     require_output_dir(cfg.output_dir)
     source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
     check_model_dir(Path(source.path))
+    check_resume_early(cfg, base_fingerprint(source.path))  # a resume with changed training options fails here, in seconds
     dtype = resolve_dtype(cfg.dtype)
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise ConfigError("dtype fp16 needs a CUDA GPU: DeepSpeed does not run fp16 on the CPU accelerator; use bf16 or fp32")
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -86,8 +87,28 @@ class JsonlSink:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def rewind(self, step: int) -> int:
+        """Drop the records past `step` (a resume from it logs them again): one record per
+        step. A line cut short by a kill counts as past. Returns how many were dropped."""
+        if not self.path.exists():
+            return 0
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        return len(lines) - len(kept)
+
     def close(self) -> None:
         pass
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class TensorBoardSink:
@@ -97,12 +118,18 @@ class TensorBoardSink:
     def __init__(self, log_dir: Path):
         self.log_dir = Path(log_dir)
         self.writer = None
+        self.purge_step: int | None = None
+
+    def rewind(self, step: int) -> int:
+        """Events past `step` are purged when the writer opens (TensorBoard's purge_step)."""
+        self.purge_step = step + 1
+        return 0
 
     def write(self, record: dict) -> None:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+            self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
             atexit.register(self.close)
         step = int(record.get("step", 0))
         for tag, value in scalars(record):
@@ -131,6 +158,10 @@ class MetricsReporter:
     def write(self, record: dict) -> None:
         for sink in self.sinks:
             sink.write(record)
+
+    def rewind(self, step: int) -> int:
+        """A resume from `step`: the sinks forget what was logged past it (see JsonlSink.rewind)."""
+        return sum(sink.rewind(step) for sink in self.sinks)
 
     def close(self) -> None:
         for sink in self.sinks:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from .adapter_set import AdapterSet
 from .adapters import LoRA
-from .artefacts import KNOWLEDGE_FILE, adapter_tensor_name, base_fingerprint, describe, read_manifest
+from .artefacts import KNOWLEDGE_FILE, adapter_tensor_name, describe, read_manifest, verify_artefact
 from .config import TrainConfig
 from .errors import CheckpointError
 from .hf_io import weight_files
@@ -41,8 +41,7 @@ def check_stage2_base(model_dir: str | Path) -> dict:
         raise CheckpointError(f"{path}: manifest kind {manifest.get('kind') or manifest.get('stage')!r}, expected a prepared stage-2 base")
     if not (path / KNOWLEDGE_FILE).exists():
         raise CheckpointError(f"{path}: {KNOWLEDGE_FILE} is missing")
-    if base_fingerprint(path) != manifest["base_fingerprint"]:
-        raise CheckpointError(f"{path}: the weights or config changed after prepare-stage2 (fingerprint mismatch)")
+    verify_artefact(path)  # the digests its manifest records, and the weights' fingerprint
     files = weight_files(path)
     with safe_open(str(path / KNOWLEDGE_FILE), framework="pt") as know:
         for target in manifest["knowledge"]["targets"]:

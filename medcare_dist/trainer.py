@@ -20,6 +20,7 @@ Exactness by construction:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ import torch
 
 from . import distributed as dist_utils
 from .adapter_set import AdapterSet
-from .artefacts import adapter_digest
-from .checkpoint import CheckpointError, TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .artefacts import adapter_digest, data_fingerprint
+from .checkpoint import TrainState, clear_previous_run, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .batching import collate, collate_packed, pieces_for_rank, plan_global_batches, split_global_batch
 from .data import IGNORE_INDEX, DataError
@@ -39,6 +40,7 @@ from .launchers import World
 from .losses import model_lm_loss_sum
 from .model import base_checksum, trainable_parameters
 from .reporting import MetricsReporter
+from .resume import agreed_resume_checkpoint, check_resumable
 
 
 class Objective:
@@ -67,6 +69,36 @@ class StepResult:
 def micro_batch_seed(seed: int, step: int, piece: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{step}:{piece}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def grad_scaler(cfg: TrainConfig, device: torch.device) -> "torch.amp.GradScaler":
+    """Dynamic loss scaling for fp16 (a no-op scaler otherwise). The loss is divided by the
+    global token count before backward, so unscaled fp16 gradients underflow through the base's
+    fp16 activations. Settings come from the DeepSpeed config's fp16 section, as DeepSpeed
+    names them: initial_scale_power (default 16) and loss_scale_window (steps without
+    overflow before the scale doubles, default 1000); an overflow skips the optimizer step and
+    halves the scale."""
+    enabled = cfg.dtype == "fp16"
+    fp16 = json.loads(Path(cfg.ds_config).read_text()).get("fp16", {}) if enabled else {}
+    if enabled and fp16.get("loss_scale", 0) not in (0, "auto"):
+        raise ConfigError(f"{cfg.ds_config}: fp16.loss_scale {fp16['loss_scale']} (static) is not supported: remove it for dynamic loss scaling")
+    return torch.amp.GradScaler(
+        device.type, init_scale=2.0 ** fp16.get("initial_scale_power", 16), growth_interval=int(fp16.get("loss_scale_window", 1000)),
+        enabled=enabled,
+    )
+
+
+def optimizer_step(params, optimizer, scaler, max_grad_norm: float) -> tuple[torch.Tensor, bool]:
+    """Unscale (fp16), clip and apply the summed gradients, then clear them. Returns the
+    gradient norm and whether the step was skipped for an overflow (the scale then halves).
+    The gradients are already summed over ranks, so every rank makes the same decision."""
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skipped when a gradient is inf or nan
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, scaler.get_scale() < scale
 
 
 def packing_is_exact(model, adapters) -> bool:
@@ -119,13 +151,11 @@ class Trainer:
         self.params = trainable_parameters(adapters)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.num_steps = total_steps(cfg, len(dataset))
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * self.num_steps), num_training_steps=self.num_steps
-        )
+        self.scheduler = self._schedule(last_step=0)
+        self.scaler = grad_scaler(cfg, world.device)
         self.lengths = dataset["length"]
         self.label_tokens = dataset["num_label_tokens"]
+        self.manifest = manifest | {"data_fingerprint": data_fingerprint(self.lengths, self.label_tokens), "num_records": len(dataset)}
         self.pack_tokens = self._packing_budget()
         self.state = TrainState(world_size=world.world_size)
         # metrics.jsonl, plus TensorBoard when cfg.report_to asks (checked here, at startup, on every rank)
@@ -133,25 +163,45 @@ class Trainer:
 
     # --- resume ---------------------------------------------------------------------
 
+    def _schedule(self, last_step: int):
+        """The lr schedule (and weight decay) of this run's config, positioned after `last_step`
+        optimizer steps. Rebuilt, not restored, on resume: a changed lr, warmup or length takes
+        effect, and an unchanged one gives the very lr the checkpointed run would have used."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.cfg.lr
+            group["weight_decay"] = self.cfg.weight_decay
+        return get_cosine_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=math.ceil(self.cfg.warmup_ratio * self.num_steps), num_training_steps=self.num_steps,
+            last_epoch=last_step - 1,
+        )
+
     def maybe_resume(self) -> None:
-        path = find_resume_checkpoint(self.out_dir, self.cfg.resume)
+        if not self.cfg.resume:
+            return
+        path = agreed_resume_checkpoint(self.out_dir, self.cfg.resume, log=self.log)
         if path is None:
-            if self.cfg.resume:
-                self.log(f"--resume {self.cfg.resume}: no complete checkpoint in {self.out_dir}, starting from step 0")
+            self.log(f"--resume {self.cfg.resume}: no complete checkpoint in {self.out_dir}, starting from step 0")
+            self._rewind_metrics(0)
             return
         ckpt = load_checkpoint(path)
-        for key in ("stage", "base_fingerprint"):
-            if ckpt["manifest"].get(key) != self.manifest[key]:
-                raise CheckpointError(
-                    f"cannot resume from {path}: its {key} is {ckpt['manifest'].get(key)!r}, this run's is {self.manifest[key]!r}"
-                )
+        check_resumable(path, ckpt["config"], ckpt["manifest"], self.cfg, self.manifest, self.log)
         self.adapters.load_flat_state_dict(ckpt["adapters"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
         saved_world = ckpt["state"].world_size
         self.state = ckpt["state"]
         self.state.world_size = self.world.world_size
+        self.scheduler = self._schedule(last_step=self.state.step)
+        if self.scaler.is_enabled() and self.state.grad_scaler:
+            self.scaler.load_state_dict(self.state.grad_scaler)
+        self._rewind_metrics(self.state.step)
         self.log(f"resumed from {path} at step {self.state.step} (saved by {saved_world} rank(s), now {self.world.world_size})")
+
+    def _rewind_metrics(self, step: int) -> None:
+        dropped = self.reporter.rewind(step)
+        if dropped:
+            self.log(f"metrics.jsonl: dropped {dropped} record(s) past step {step}, logged by the run that is resumed or replaced")
 
     # --- one optimizer step ------------------------------------------------------------
 
@@ -210,7 +260,7 @@ class Trainer:
             lm = model_lm_loss_sum(self.model, inputs, labels, cfg.lm_loss, cfg.loss_chunk_tokens) / global_label_tokens
             share = (labels[:, 1:] != IGNORE_INDEX).sum().item() / global_label_tokens
             terms = {"lm": lm} | {k: v * share for k, v in self.objective.batch_losses(token_mask).items()}
-            sum(terms.values()).backward()
+            self.scaler.scale(sum(terms.values())).backward()  # scaled for fp16 only (grad_scaler)
             self.engine.optimizer.partition_all_parameters()  # what ZeRO-3's own optimizer does after backward
             tokens += int(token_mask.sum())
             for k, v in terms.items():
@@ -218,18 +268,17 @@ class Trainer:
         # Every rank adds 1/world of the weight-only terms: their summed gradient counts once.
         step_terms = {k: v / world.world_size for k, v in self.objective.step_losses().items()}
         if step_terms:
-            sum(step_terms.values()).backward()
+            self.scaler.scale(sum(step_terms.values())).backward()
             parts.update({k: float(v.detach()) for k, v in step_terms.items()})
         dist_utils.sum_gradients(self.params)
         return parts, tokens
 
     def train_step(self, global_batch: list[int]) -> StepResult:
         parts, tokens = self.compute_gradients(global_batch)
-        max_norm = self.cfg.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm, skipped = optimizer_step(self.params, self.optimizer, self.scaler, self.cfg.max_grad_norm)
+        if skipped:
+            self.log(f"step {self.state.step + 1}: fp16 gradient overflow: step skipped, loss scale now {self.scaler.get_scale():g}")
+        self.scheduler.step()  # in step with the step count, skipped or not: the schedule is a function of the step
         names = sorted(parts)
         summed = dist_utils.all_reduce_sum([parts[k] for k in names] + [tokens])
         return StepResult(losses=dict(zip(names, summed[:-1])), grad_norm=float(grad_norm), tokens=int(summed[-1]))
@@ -259,6 +308,7 @@ class Trainer:
         checks = self._check_ranks_agree()
         if checks["base_checksum"] != self.manifest["base_checksum"]:
             raise RuntimeError(f"the frozen base changed during training: checksum {checks['base_checksum']} != {self.manifest['base_checksum']}")
+        self.state.grad_scaler = self.scaler.state_dict()
         if self.world.is_main:
             path = save_checkpoint(
                 self.out_dir,
@@ -279,6 +329,11 @@ class Trainer:
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite and self.world.is_main:
+            removed = clear_previous_run(self.out_dir)
+            if removed:
+                self.log(f"--overwrite: deleted the earlier run's {', '.join(removed)} from {self.out_dir}")
+        dist_utils.barrier()
         self.maybe_resume()
         bar = tqdm(total=self.num_steps, initial=self.state.step, disable=not self.world.is_main, desc=f"stage {cfg.stage}", dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
@@ -303,6 +358,7 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": result.grad_norm,
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
                         **self.objective.metrics(),
                     }
                     self._log_metrics(record)

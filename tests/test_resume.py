@@ -94,8 +94,9 @@ def test_resume_two_ranks_to_one_then_one_to_two_matches_the_uninterrupted_run(u
     one.mkdir()
     two.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-8", one / "checkpoint-8")
-    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, one, 1, 29644, "--resume", "auto", "--save_every", "2"),
-                 tmp_path / "one_rank.log")  # steps 9-12 on one rank; step 12 is the epoch's short batch
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, one, 1, 29644, "--resume", "auto")
+    cmd[cmd.index("--save_every") + 1] = "2"  # an option is given once
+    run_launcher(cmd, tmp_path / "one_rank.log")  # steps 9-12 on one rank; step 12 is the epoch's short batch
     assert "saved by 2 rank(s), now 1" in (tmp_path / "one_rank.log").read_text()
     shutil.copytree(one / "checkpoint-10", two / "checkpoint-10")  # steps 9-10 were trained on one rank
     run_launcher(stage1_cmd(tiny_model_dir, uneven_data, two, 2, 29645, "--resume", "auto"), tmp_path / "two_ranks.log")
@@ -130,3 +131,42 @@ def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_p
     assert find_resume_checkpoint(tmp_path, "auto").name == "checkpoint-3"
     (tmp_path / "latest").write_text("checkpoint-9\n")  # latest naming something incomplete is never trusted
     assert find_resume_checkpoint(tmp_path, "auto").name == "checkpoint-3"
+
+
+@pytest.mark.distributed
+def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_one_record_per_step(uninterrupted, tiny_model_dir,
+                                                                                                  uneven_data, tmp_path):
+    """The finished run's dir (checkpoints 8 and 12, metrics of steps 1-12) resumed from
+    checkpoint-8 on one rank, with a new lr and length accepted by --resume_override."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    out = tmp_path / "older"
+    shutil.copytree(uninterrupted, out)
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 1, 29646, "--resume", str(out / "checkpoint-8"), "--resume_override",
+                     "lr,max_steps")
+    cmd[cmd.index("--lr") + 1], cmd[cmd.index("--max_steps") + 1] = "1e-3", "14"
+    run_launcher(cmd, tmp_path / "older.log")
+    log = (tmp_path / "older.log").read_text()
+    assert "resuming with changed option(s) (resume_override): lr: 0.002 -> 0.001; max_steps: 12 -> 14" in log
+    assert "metrics.jsonl: dropped 4 record(s) past step 8" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 15))  # one record per step
+
+    def lrs(lr, steps):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+        sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=steps)  # warmup ceil(0.03 x steps)
+        values = []
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+            values.append(sched.get_last_lr()[0])
+        return values
+
+    logged = [r["lr"] for r in records]
+    assert logged[:8] == pytest.approx(lrs(2e-3, 12)[:8], rel=1e-12)  # the first run's
+    assert logged[8:] == pytest.approx(lrs(1e-3, 14)[8:], rel=1e-12)  # the new lr and length took effect
+    # saves at 12 (replacing the abandoned run's) and 14; keep_last 2 by save order
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-14"]
+    assert (out / "latest").read_text().strip() == "checkpoint-14"
+    replaced = load_file(str(out / "checkpoint-12" / "adapters.safetensors"))
+    assert any(not torch.equal(replaced[n], t) for n, t in final_adapters(uninterrupted).items())

@@ -11,7 +11,7 @@ from conftest import write_stage1_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
 from medcare_dist.model import load_frozen_base
 from medcare_dist.losses import orthogonal_penalty
-from medcare_dist.artefacts import KNOWLEDGE_FILE
+from medcare_dist.artefacts import KNOWLEDGE_FILE, read_manifest, record_files, write_manifest
 from medcare_dist.convert import prepare_stage2
 from medcare_dist.stage1 import stage1_adapters
 from medcare_dist.stage2 import check_stage2_base, stage2_adapters
@@ -88,7 +88,7 @@ def test_stage2_refuses_inputs_that_do_not_fit(tiny_model_dir, stage1_ckpt, stag
     changed = tmp_path / "changed"
     shutil.copytree(stage2_base, changed)
     (changed / "config.json").write_text((changed / "config.json").read_text().replace("64", "65", 1))
-    with pytest.raises(ConfigError, match="fingerprint"):
+    with pytest.raises(ConfigError, match="config.json does not match the sha256 its manifest records"):
         check_stage2_base(changed)
 
     wrong_shape = tmp_path / "wrong_shape"
@@ -96,6 +96,8 @@ def test_stage2_refuses_inputs_that_do_not_fit(tiny_model_dir, stage1_ckpt, stag
     know = load_file(str(wrong_shape / KNOWLEDGE_FILE))
     know = {k: (v[:, :-1].contiguous() if k.endswith("up_proj.lora_A") else v) for k, v in know.items()}
     save_file(know, str(wrong_shape / KNOWLEDGE_FILE))
+    manifest = read_manifest(wrong_shape)  # a consistent artefact (digests rewritten) whose shapes do not fit
+    write_manifest(wrong_shape, {**manifest, "files": record_files(wrong_shape)})
     with pytest.raises(ConfigError, match="knowledge adapter .*up_proj"):
         check_stage2_base(wrong_shape)
 
@@ -107,7 +109,7 @@ def test_prepare_stage2_refuses_a_changed_base_and_a_non_stage1_input(tiny_model
     shutil.copytree(tiny_model_dir, other_base)
     ckpt = write_stage1_checkpoint(other_base, tmp_path / "ckpt")
     (other_base / "config.json").write_text((other_base / "config.json").read_text() + " ")
-    with pytest.raises(CheckpointError, match="differs from the one stage 1 trained on"):
+    with pytest.raises(CheckpointError, match="its base .* changed since it was made"):
         prepare_stage2(ckpt, tmp_path / "out")
     with pytest.raises(CheckpointError, match="no manifest.json|not a stage-1"):
         prepare_stage2(tiny_model_dir, tmp_path / "out2")
