@@ -11,8 +11,9 @@ submodule of the base model. It is attached with forward hooks on the base Linea
 (`y = base(x) + sum(adapter(x))`), DeepSpeed partitions only the frozen base, and every
 rank holds a full copy of each adapter. Any loss term on adapter weights is then an ordinary
 local autograd expression: no collective, exact gradient. The price is that the adapters'
-gradients must be summed across ranks by the trainer (`distributed.sum_gradients`; each rank's
-loss is already divided by the global batch's token count).
+gradients must be summed across ranks by the trainer (`grad_buckets.GradientBuckets`, during
+the last backward of a step; each rank's loss is already divided by the global batch's token
+count).
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ class AdapterSet(nn.Module):
                 if tensors[name].shape != p.shape:
                     raise CheckpointError(f"{name}: shape {tuple(tensors[name].shape)} != expected {tuple(p.shape)}")
                 p.copy_(tensors[name])
+
+    def trainable_by_depth(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """(flat name, param) of every trainable param, those of the deepest adapted module of
+        `model` first: roughly the order in which backward finishes their gradients."""
+        position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        forward_order = sorted(
+            ((position[target], adapter_tensor_name(group, target, pname), p)
+             for group, target, adapter in self.items() for pname, p in adapter.named_parameters() if p.requires_grad),
+            key=lambda entry: entry[0],
+        )
+        return [(name, p) for _, name, p in reversed(forward_order)]
 
     def layout(self) -> dict[str, dict[str, list[int]]]:
         """Shapes per tensor, grouped: recorded in manifests so later steps can check inputs."""

@@ -64,6 +64,7 @@ class TrainConfig:
     pack_tokens: int = 0  # tokens per packed row (a micro-batch has micro_batch_size rows); 0: max_length
     lm_loss: str = "chunked"  # chunked (no full logits) | full | liger (CUDA, liger-kernel)
     loss_chunk_tokens: int = 1024  # tokens per LM-head chunk of the chunked loss
+    grad_bucket_mb: float = 25.0  # adapter gradients are all-reduced in buckets of this size while backward runs
 
     # runtime
     ds_config: str = "ds_configs/zero3.json"
@@ -161,6 +162,7 @@ def resume_differences(saved: dict, current: TrainConfig) -> dict[str, tuple]:
 _RANGES = [
     ("max_length", lambda v: v >= 2, ">= 2"),
     ("lora_alpha", lambda v: v > 0, "> 0"),
+    ("grad_bucket_mb", lambda v: v > 0, "> 0"),
     ("lr", lambda v: v > 0, "finite and > 0"),
     ("weight_decay", lambda v: v >= 0, ">= 0"),
     ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -238,16 +238,13 @@ def _collective_on_flat(tensors: list[torch.Tensor], collective) -> None:
             offset += t.numel()
 
 
-def sum_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum the adapters' gradients over ranks, in one collective.
-
-    The loss on each rank is already divided by the token count of the *global* batch,
-    so the sum is the gradient of the global mean, whatever the world size.
-    """
-    for p in params:
-        if p.grad is None:  # a param this rank's micro-batches did not reach
-            p.grad = torch.zeros_like(p)
-    _collective_on_flat([p.grad for p in params], lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+def gradient_group(timeout_minutes: float):
+    """A process group of every rank for the adapter gradient all-reduce (grad_buckets.py), so
+    that its asynchronous collectives never share a group with ZeRO-3's. A collective: every
+    rank calls it at setup. None in a world of one."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def broadcast_params(params: list[torch.Tensor], src: int = 0) -> None:

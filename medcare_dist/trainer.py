@@ -2,7 +2,8 @@
 
 The frozen base runs under a DeepSpeed ZeRO-3 engine (partitioned weights, gathered
 layer by layer in forward and backward). The adapters are outside the engine (see
-`adapter_set`): a torch AdamW updates them after their gradients are summed over ranks.
+`adapter_set`): a torch AdamW updates them after their gradients are summed over ranks,
+bucket by bucket while the last backward of the step runs (`grad_buckets`).
 
 Exactness by construction:
 - each rank divides its summed token loss by the label-token count of the *global* batch,
@@ -36,6 +37,7 @@ from .checkpoint import TrainState, clear_previous_run, load_checkpoint, save_ch
 from .config import ConfigError, TrainConfig
 from .batching import collate, collate_packed, pieces_for_rank, plan_global_batches, split_global_batch
 from .data import IGNORE_INDEX, DataError
+from .grad_buckets import GradientBuckets
 from .launchers import World
 from .losses import model_lm_loss_sum
 from .model import base_checksum, trainable_parameters
@@ -150,6 +152,8 @@ class Trainer:
         self.out_dir = Path(cfg.output_dir)
         self.params = trainable_parameters(adapters)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.grad_sync = GradientBuckets(adapters.trainable_by_depth(self.model), cfg.grad_bucket_mb,
+                                         dist_utils.gradient_group(cfg.timeout_minutes))
         self.num_steps = total_steps(cfg, len(dataset))
         self.scheduler = self._schedule(last_step=0)
         self.scaler = grad_scaler(cfg, world.device)
@@ -245,14 +249,16 @@ class Trainer:
         return batch, labels, token_mask.to(self.world.device)
 
     def compute_gradients(self, global_batch: list[int]) -> tuple[dict[str, float], int]:
-        """Forward and backward of this rank's share of `global_batch`, then the adapter
-        gradients summed over ranks. Returns this rank's loss parts and token count."""
+        """Forward and backward of this rank's share of `global_batch`; the adapter gradients
+        are summed over ranks during the last backward. Returns this rank's loss parts and
+        token count."""
         cfg, world = self.cfg, self.world
         global_label_tokens = max(1, sum(self.label_tokens[i] for i in global_batch))
         parts: dict[str, float] = {}
         tokens = 0
-        pieces = split_global_batch(global_batch, self.lengths, cfg.micro_batch_size, self.pack_tokens)
-        for number, piece in pieces_for_rank(pieces, world.world_size, world.rank):
+        pieces = pieces_for_rank(split_global_batch(global_batch, self.lengths, cfg.micro_batch_size, self.pack_tokens),
+                                 world.world_size, world.rank)  # as many on every rank
+        for step_number, (number, piece) in enumerate(pieces):
             # Piece k of the global batch holds the same records at any world size
             # (batching.split_global_batch); seeding from k gives the same dropout masks too.
             torch.manual_seed(micro_batch_seed(cfg.seed, self.state.step, number))
@@ -260,17 +266,20 @@ class Trainer:
             lm = model_lm_loss_sum(self.model, inputs, labels, cfg.lm_loss, cfg.loss_chunk_tokens) / global_label_tokens
             share = (labels[:, 1:] != IGNORE_INDEX).sum().item() / global_label_tokens
             terms = {"lm": lm} | {k: v * share for k, v in self.objective.batch_losses(token_mask).items()}
-            self.scaler.scale(sum(terms.values())).backward()  # scaled for fp16 only (grad_scaler)
-            self.engine.optimizer.partition_all_parameters()  # what ZeRO-3's own optimizer does after backward
-            tokens += int(token_mask.sum())
             for k, v in terms.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach())
-        # Every rank adds 1/world of the weight-only terms: their summed gradient counts once.
-        step_terms = {k: v / world.world_size for k, v in self.objective.step_losses().items()}
-        if step_terms:
-            self.scaler.scale(sum(step_terms.values())).backward()
-            parts.update({k: float(v.detach()) for k, v in step_terms.items()})
-        dist_utils.sum_gradients(self.params)
+            loss = sum(terms.values())
+            if step_number == len(pieces) - 1:
+                # The weight-only terms join the last backward, so that every gradient is final
+                # when its hook fires there; every rank adds 1/world: their summed gradient counts once.
+                step_terms = {k: v / world.world_size for k, v in self.objective.step_losses().items()}
+                parts.update({k: float(v.detach()) for k, v in step_terms.items()})
+                loss = loss + sum(step_terms.values())
+                self.grad_sync.arm()
+            self.scaler.scale(loss).backward()  # scaled for fp16 only (grad_scaler)
+            self.engine.optimizer.partition_all_parameters()  # what ZeRO-3's own optimizer does after backward
+            tokens += int(token_mask.sum())
+        self.grad_sync.finish()
         return parts, tokens
 
     def train_step(self, global_batch: list[int]) -> StepResult:
