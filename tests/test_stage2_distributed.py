@@ -1,6 +1,8 @@
 """Stage 2 on 2 ranks under ZeRO-3, through the real launcher, on a model of a few hundred MB:
-the orthogonal term trains with the exact gradient and no communication, and the frozen
-base stays partitioned after every step."""
+the orthogonal term trains with the exact gradient and no communication, the adapter
+gradients summed in buckets during backward equal the single-process gradient (also with
+activation checkpointing and an empty last micro-batch on one rank), and the frozen base
+stays partitioned after every step."""
 
 import json
 import shutil
@@ -26,7 +28,8 @@ MEDIUM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num
 # for multi-billion models) it keeps this whole small model gathered between forward and backward.
 DS_CONFIG = "tests/dist/zero3_small_buckets.json"
 ARGS = ["--ds_config", DS_CONFIG, "--lora_dropout", "0", "--global_batch_size", "8", "--micro_batch_size", "1", "--max_length", "64", "--ortho_lambda", "1.0",
-        "--packing", "on"]  # packed rows (one record each at this length) and the chunked loss; the reference pads, full logits
+        "--packing", "on",  # packed rows (one record each at this length) and the chunked loss; the reference pads, full logits
+        "--grad_bucket_mb", "1"]  # ~1.1 MB of adapter gradients per layer: about one bucket per layer
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +65,9 @@ def probe(medium_stage2_base, tmp_path_factory):
     return out, reports, grads
 
 
-def single_process_gradients(stage2_base, initial, global_batch):
-    """The same step without DeepSpeed or a process group: the whole global batch at once."""
+def single_process_gradients(stage2_base, initial, global_batches):
+    """The same steps without DeepSpeed or a process group, each global batch at once: the
+    orthogonal term's gradient, then the full gradient of each batch."""
     from transformers import AutoTokenizer
 
     cfg = TrainConfig(stage=2, model=str(stage2_base), data=["x"], lora_dropout=0.0)
@@ -73,17 +77,18 @@ def single_process_gradients(stage2_base, initial, global_batch):
         for name, p in adapters.named_parameters():
             p.copy_(initial[name])
     adapters.attach(model)
+    names = [n for n, _ in adapters.named_parameters()]
     ortho = orthogonal_penalty(adapters)
-    ortho_grads = torch.autograd.grad(ortho, list(adapters.parameters()), allow_unused=True)
+    grads = [dict(zip(names, torch.autograd.grad(ortho, list(adapters.parameters()), allow_unused=True)))]  # None for the B's
     tokenizer = AutoTokenizer.from_pretrained(stage2_base)
     dataset, _ = build_dataset(SAMPLE / "stage2.jsonl", tokenizer, 64)
-    batch = collate([dataset[i] for i in global_batch], tokenizer.pad_token_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    n_tokens = sum(dataset[i]["num_label_tokens"] for i in global_batch)
-    loss = causal_lm_loss_sum(logits, batch["labels"]) / n_tokens + orthogonal_penalty(adapters)
-    step_grads = torch.autograd.grad(loss, list(adapters.parameters()))
-    names = [n for n, _ in adapters.named_parameters()]
-    return dict(zip(names, ortho_grads)), dict(zip(names, step_grads))  # ortho: None for the B matrices
+    for global_batch in global_batches:
+        batch = collate([dataset[i] for i in global_batch], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n_tokens = sum(dataset[i]["num_label_tokens"] for i in global_batch)
+        loss = causal_lm_loss_sum(logits, batch["labels"]) / n_tokens + orthogonal_penalty(adapters)
+        grads.append(dict(zip(names, torch.autograd.grad(loss, list(adapters.parameters())))))
+    return grads
 
 
 def assert_relative_close(got, want, what):
@@ -95,7 +100,9 @@ def test_orthogonal_gradient_under_zero3_equals_single_process(probe, medium_sta
     out, reports, grads = probe
     initial = load_file(str(out / "initial_rank0.safetensors"))
     assert all(torch.equal(initial[k], v) for k, v in load_file(str(out / "initial_rank1.safetensors")).items())
-    ortho_ref, step_ref = single_process_gradients(medium_stage2_base, initial, reports[0]["first_global_batch"])
+    ortho_ref, step_ref, short_ref = single_process_gradients(
+        medium_stage2_base, initial, [reports[0]["first_global_batch"], reports[0]["short_global_batch"]])
+    assert len(reports[0]["short_global_batch"]) == 7  # rank 1's last micro-batch is empty
     names = reports[0]["adapter_param_names"]
     assert len(names) == 2 * 2 * 3 * MEDIUM["num_hidden_layers"]  # (knowledge, alignment) x (A, B) x (gate, up, down) x layers
     for rank in (0, 1):
@@ -103,6 +110,16 @@ def test_orthogonal_gradient_under_zero3_equals_single_process(probe, medium_sta
             if "lora_A" in name:  # the orthogonal term depends on the A matrices only
                 assert_relative_close(grads[rank][f"ortho.{name}"], ortho_ref[name], f"rank {rank} ortho grad {name}")
             assert_relative_close(grads[rank][f"step.{name}"], step_ref[name], f"rank {rank} step grad {name}")
+            assert_relative_close(grads[rank][f"short.{name}"], short_ref[name], f"rank {rank} checkpointed short-batch grad {name}")
+
+
+def test_adapter_gradients_are_all_reduced_in_buckets_while_backward_runs(probe):
+    _, reports, _ = probe
+    for report in reports:
+        # About one bucket per layer at --grad_bucket_mb 1, each all-reduced once, all of them
+        # launched from the gradient hooks while the last backward was still running.
+        assert report["gradient_buckets"] >= MEDIUM["num_hidden_layers"] - 1
+        assert report["bucket_launches_in_backward"] == [True] * report["gradient_buckets"]
 
 
 def test_orthogonal_term_makes_no_collective_call(probe):

@@ -4,7 +4,10 @@ Builds the real stage-2 trainer (frozen base under ZeRO-3, adapters outside it) 
 per rank, into --probe_out:
 - collective calls made while the orthogonal term is computed and differentiated (and, as a
   positive control showing the counter sees ZeRO-3's traffic, during one LM forward/backward);
-- the gradient of the orthogonal term alone, and the full summed gradient of one global batch;
+- the gradient of the orthogonal term alone, and the full summed gradient of one global batch
+  (all-reduced in buckets during the last backward: each bucket's all-reduce is recorded, with
+  whether backward was still running), and of a short global batch of 7 records (this rank's
+  last micro-batch is then empty on rank 1) under activation checkpointing;
 - after every one of a few optimizer steps: how much of the base is materialised on this rank;
 - the peak anonymous resident memory during those steps.
 """
@@ -24,6 +27,7 @@ from collectives import CollectivePatch  # tests/dist, the script's own director
 from medcare_dist.batching import plan_global_batches
 from medcare_dist.recipe import build_trainer, config_from_argv
 from medcare_dist.losses import orthogonal_penalty
+from medcare_dist.model import enable_activation_checkpointing
 from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
 
 class CollectiveCounter(CollectivePatch):
@@ -41,6 +45,23 @@ class CollectiveCounter(CollectivePatch):
             return fn(*args, **kwargs)
 
         return counted
+
+
+class GradientLaunches(CollectivePatch):
+    """Whether each all-reduce on `group` (the adapter gradient group) was made while the
+    autograd engine was running a backward."""
+
+    def __init__(self, group):
+        super().__init__([torch.distributed])
+        self.group, self.in_backward = group, []
+
+    def wrap(self, module, name, fn):
+        def recorded(*args, **kwargs):
+            if name == "all_reduce" and kwargs.get("group") is self.group:
+                self.in_backward.append(torch._C._current_graph_task_id() != -1)  # -1: no backward running
+            return fn(*args, **kwargs)
+
+        return recorded
 
 
 def status_line(key: str) -> int:
@@ -105,12 +126,17 @@ def main():
     trainer.optimizer.zero_grad(set_to_none=True)
 
     batches = plan_global_batches(trainer.lengths, cfg.global_batch_size, cfg.seed, 0)
-    with CollectiveCounter() as lm_counter:
+    with CollectiveCounter() as lm_counter, GradientLaunches(trainer.grad_sync.group) as launches:
         trainer.compute_gradients(batches[0])
     step_grads = {n: p.grad.clone() for n, p in trainer.adapters.named_parameters() if p.grad is not None}
     trainer.optimizer.zero_grad(set_to_none=True)
-    save_file({f"ortho.{n}": g for n, g in ortho_grads.items()} | {f"step.{n}": g for n, g in step_grads.items()},
-              str(out / f"grads_rank{rank}.safetensors"))
+    enable_activation_checkpointing(trainer.model)
+    short_batch = batches[0][:7]
+    trainer.compute_gradients(short_batch)
+    short_grads = {n: p.grad.clone() for n, p in trainer.adapters.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    save_file({f"ortho.{n}": g for n, g in ortho_grads.items()} | {f"step.{n}": g for n, g in step_grads.items()}
+              | {f"short.{n}": g for n, g in short_grads.items()}, str(out / f"grads_rank{rank}.safetensors"))
 
     rss_at_start = status_line("RssAnon")
     after_steps = []
@@ -132,6 +158,9 @@ def main():
         "rss_anon_before_steps": rss_at_start,
         "peak_rss_anon_during_steps": peak.value,
         "first_global_batch": batches[0],
+        "short_global_batch": short_batch,
+        "gradient_buckets": len(trainer.grad_sync.buckets),
+        "bucket_launches_in_backward": launches.in_backward,
     }
     (out / f"report_rank{rank}.json").write_text(json.dumps(report, indent=1))
     torch.distributed.destroy_process_group()
