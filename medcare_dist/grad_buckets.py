@@ -56,7 +56,8 @@ class GradientBuckets:
         self._bucket_of = {i: b for b, members in enumerate(self.buckets) for i in members}
         self._armed = False
         self._reset()
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(self._hook(i))
 
     def _reset(self) -> None:
         self._final = [False] * len(self.params)
