@@ -34,11 +34,16 @@ def test_chunked_loss_and_every_adapter_gradient_equal_the_full_logits_ones(tiny
         loss = model_lm_loss_sum(model, inputs, labels, impl=impl, chunk_tokens=chunk_tokens)
         loss.backward()
         results.append((loss.detach(), adapter_grads(adapters)))
-    (full, full_grads), (chunked, chunked_grads) = results
-    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-5)
-    assert full_grads.keys() == chunked_grads.keys() and len(full_grads) == len(list(adapters.parameters()))
-    for name, grad in full_grads.items():
-        assert_relative_close(chunked_grads[name], grad, 1e-5, name)
+    assert_same_loss_and_gradients(results, adapters, loss_rtol=1e-6, grad_rtol=1e-5)
+
+
+def assert_same_loss_and_gradients(results, adapters, loss_rtol: float, grad_rtol: float) -> None:
+    """results: [(loss, {name: grad}), (loss, {name: grad})] of two ways to compute the same thing."""
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=loss_rtol, atol=1e-5)
+    assert want_grads.keys() == got_grads.keys() and len(want_grads) == len(list(adapters.parameters()))
+    for name, grad in want_grads.items():
+        assert_relative_close(got_grads[name], grad, grad_rtol, name)
 
 
 def test_chunked_cross_entropy_against_torch_on_random_tensors():
