@@ -67,9 +67,8 @@ def build_trainer(
 
         datasets.disable_progress_bars()
     check_report_to(cfg.report_to)
-    check_output_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
+    check_output_dir(require_output_dir(cfg.output_dir), cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
     manifest_extra = check_inputs(cfg) if check_inputs else {}
-    require_output_dir(cfg.output_dir)
     source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
     check_model_dir(Path(source.path))
     check_resume_early(cfg, base_fingerprint(source.path))  # a resume with changed training options fails here, in seconds
