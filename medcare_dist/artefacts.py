@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError, InputNotFoundError, OutputExistsError
 from .hub import ModelSource, locate, resolve_model
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -87,10 +87,23 @@ def base_fingerprint(model_dir: str | Path) -> str:
     keyed by size and mtime (`file_sha256`), so later checks cost a stat per file."""
     root = Path(model_dir)
     if not root.is_dir():
-        return f"hub:{model_dir}"
+        raise InputNotFoundError(f"model directory not found: {root}")
     h = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
     for f in sorted(root.glob("model*.safetensors")) + sorted(root.glob("*.bin")):
         h.update(f"{f.name}:{file_sha256(f)}".encode())
+    return h.hexdigest()[:16]
+
+
+def recorded_scheme_fingerprint(model_dir: str | Path, manifest: dict) -> str:
+    """`model_dir`'s fingerprint as `manifest` computed it: by content, or, for an artefact
+    written by an earlier medcare_dist (its manifest lists no file digests), by config.json and
+    the weight files' names and sizes, so that its stage-1 run is not lost to the upgrade."""
+    if "files" in manifest:
+        return base_fingerprint(model_dir)
+    root = Path(model_dir)
+    h = hashlib.sha256((root / "config.json").read_bytes() if (root / "config.json").exists() else b"")
+    for f in sorted(root.glob("model*.safetensors")) + sorted(root.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
 
 
@@ -98,7 +111,7 @@ def check_base(manifest: dict, artefact: str | Path) -> Path:
     """The base dir a manifest records, refused if its content changed since `artefact` was
     made (a prepared stage-2 base is also checked against its own manifest's digests)."""
     base = base_model_dir(manifest)
-    found = base_fingerprint(base)
+    found = recorded_scheme_fingerprint(base, manifest)
     if found != manifest["base_fingerprint"]:
         raise CheckpointError(f"{artefact}: its base {base} changed since it was made (weights fingerprint {found}, "
                               f"recorded {manifest['base_fingerprint']}): use the base it was made on")
@@ -114,7 +127,7 @@ def verify_artefact(path: str | Path) -> dict:
     manifest."""
     manifest = verify_files(path)
     kind = describe(path)
-    if kind == "stage2-base" and base_fingerprint(path) != manifest["base_fingerprint"]:
+    if kind == "stage2-base" and recorded_scheme_fingerprint(path, manifest) != manifest["base_fingerprint"]:
         raise CheckpointError(f"{path}: the weights or config changed after prepare-stage2 (fingerprint mismatch)")
     if kind in ("stage1-checkpoint", "stage2-checkpoint"):
         check_base(manifest, path)

@@ -472,3 +472,24 @@ def test_through_the_launcher_a_stale_jit_lock_is_cleared_and_a_stopped_rank_is_
         proc.wait()
     assert named_after < 10 + 60, named_after  # the limit plus slack for these 2 busy cores; the collective timeout is 600 s
     print(f"rank 1 named {named_after:.1f} s after SIGSTOP")
+
+
+def test_an_artefact_of_an_earlier_version_is_checked_by_its_own_fingerprint_scheme(tiny_model_dir, tmp_path):
+    """A stage-1 checkpoint written before manifests listed file digests (fingerprint over
+    config, weight names and sizes) still passes on its unchanged base, and fails on a changed one."""
+    import hashlib
+
+    from conftest import write_stage1_checkpoint
+    from medcare_dist.artefacts import MANIFEST_FILE, check_base
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    ckpt = write_stage1_checkpoint(base, tmp_path / "stage1")
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+    old = hashlib.sha256((base / "config.json").read_bytes())
+    old.update(f"model.safetensors:{(base / 'model.safetensors').stat().st_size}".encode())
+    manifest = {k: v for k, v in manifest.items() if k != "files"} | {"base_fingerprint": old.hexdigest()[:16]}
+    assert check_base(manifest, ckpt) == base
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    with pytest.raises(CheckpointError, match="changed since it was made"):
+        check_base(manifest, ckpt)
