@@ -313,8 +313,13 @@ def slurm(tmp_path_factory):
 
 def sbatch_stage1(slurm_env: dict, tmp: Path, out: Path, args: list[str]) -> subprocess.Popen:
     """`sbatch --wait` of the stage-1 template, sized for 2 CPU tasks on this node; the
-    template's settings come from the environment, as they would from a user's shell."""
-    env = {**slurm_env, "CONFIG": "", "OUTPUT_DIR": str(out), "REPO": str(REPO), "EXTRA_ARGS": " ".join(args)}
+    template's settings come from the environment, as they would from a user's shell: the
+    options the template sets itself (output dir, timeout) as its variables, the rest as
+    EXTRA_ARGS (an option given twice is refused)."""
+    options = dict(zip(args[::2], args[1::2]))
+    assert options.pop("--output_dir") == str(out)
+    env = {**slurm_env, "CONFIG": "", "OUTPUT_DIR": str(out), "REPO": str(REPO),
+           "TIMEOUT_MINUTES": options.pop("--timeout_minutes"), "EXTRA_ARGS": " ".join(f"{k} {v}" for k, v in options.items())}
     cmd = ["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
            f"--output={tmp}/job-%j.out", str(REPO / "launch/slurm/stage1.sbatch")]
     with open(tmp / "sbatch.log", "w") as f:
@@ -367,8 +372,8 @@ def test_slurm_pipeline_runs_all_four_jobs(slurm, tiny_model_dir, tmp_path):
     """pipeline.sh for real: stage 1 -> prepare-stage2 -> stage 2 -> export, chained with
     --dependency=afterok, WAIT=1 blocking on the export job."""
     run = tmp_path / "run"
-    common = "--max_steps 2 --global_batch_size 4 --micro_batch_size 2 --max_length 256 --log_every 1 --timeout_minutes 5"
-    env = launch_env(**slurm, WAIT="1", NODES="1", GPUS_PER_NODE="0", TASKS_PER_NODE="2", CPUS_PER_TASK="1",
+    common = "--max_steps 2 --global_batch_size 4 --micro_batch_size 2 --max_length 256 --log_every 1"
+    env = launch_env(**slurm, WAIT="1", TIMEOUT_MINUTES="5", NODES="1", GPUS_PER_NODE="0", TASKS_PER_NODE="2", CPUS_PER_TASK="1",
                      PREP_CPUS="1", PREP_MEM="500M", STAGE1_CONFIG="", STAGE2_CONFIG="", RUN_DIR=str(run),
                      STAGE1_ARGS=f"--model {tiny_model_dir} --data {SAMPLE / 'stage1.jsonl'} --num_experts 4 --lora_r 8 {common}",
                      STAGE2_ARGS=f"--data {SAMPLE / 'stage2.jsonl'} {common}")
