@@ -165,7 +165,7 @@ def file_sha256(path: str | Path) -> str:
         entry = _read_cache(place).get(path.name)
         if entry and {k: entry.get(k) for k in key} == key:
             return entry["sha256"]
-    digest = _sha256(path)
+    digest = stream_sha256(path)
     for place in places:
         cache = _read_cache(place)
         cache[path.name] = {**key, "sha256": digest}
@@ -180,7 +180,8 @@ def file_sha256(path: str | Path) -> str:
     return digest
 
 
-def _sha256(path: Path) -> str:
+def stream_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (never whole into memory)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -194,7 +195,7 @@ def record_files(directory: str | Path, cache: bool = False) -> dict[str, dict]:
     later steps check again (file_sha256); checkpoints are hashed directly."""
     root = Path(directory)
     files = sorted(f for f in root.iterdir() if f.is_file() and f.name not in (MANIFEST_FILE, DIGEST_CACHE) and not f.name.endswith(".tmp"))
-    return {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f) if cache else _sha256(f)} for f in files}
+    return {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f) if cache else stream_sha256(f)} for f in files}
 
 
 def verify_files(directory: str | Path, manifest: dict | None = None) -> dict:
@@ -212,7 +213,7 @@ def verify_files(directory: str | Path, manifest: dict | None = None) -> dict:
         size = f.stat().st_size
         if size != want["size"]:
             raise CheckpointError(f"{root}: {name} is {size} bytes, its manifest records {want['size']} (truncated or overwritten)")
-        if (file_sha256(f) if big else _sha256(f)) != want["sha256"]:
+        if (file_sha256(f) if big else stream_sha256(f)) != want["sha256"]:
             raise CheckpointError(f"{root}: {name} does not match the sha256 its manifest records (corrupt, or changed since)")
     return manifest
 

@@ -13,19 +13,15 @@ trained token left is an error, never an empty run. Batches: see `batching`.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import datasets
-import torch
 
-from .artefacts import require_empty_dir
-from .chat import (IGNORE_INDEX, ChatTemplateError, check_tokenizer, control_token_strings, find_control_token,
+from .artefacts import require_empty_dir, stream_sha256
+from .chat import (ChatTemplateError, check_tokenizer, control_token_strings, find_control_token,
                    tokenize_conversation, tokenizer_fingerprint)
 from .errors import InputNotFoundError, MedcareError
 
@@ -332,11 +328,7 @@ def preprocess(paths: str | Path | Sequence[str | Path], tokenizer, max_length: 
 
 
 def _describe_file(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": stream_sha256(path)}
 
 
 def load_dataset_for_training(spec: str | Path | Sequence[str | Path], tokenizer, max_length: int,

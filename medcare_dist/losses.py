@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .adapter_set import AdapterSet
+from .chat import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 LM_LOSS_IMPLS = ("chunked", "full", "liger")
 
 

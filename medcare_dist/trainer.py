@@ -36,7 +36,8 @@ from .artefacts import adapter_digest, data_fingerprint
 from .checkpoint import TrainState, clear_previous_run, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .batching import collate, collate_packed, pieces_for_rank, plan_global_batches, split_global_batch
-from .data import IGNORE_INDEX, DataError
+from .chat import IGNORE_INDEX
+from .data import DataError
 from .grad_buckets import GradientBuckets
 from .launchers import World
 from .losses import model_lm_loss_sum

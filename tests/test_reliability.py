@@ -201,8 +201,8 @@ def test_the_base_fingerprint_streams_each_file_once_and_caches_it_elsewhere_for
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns(artefacts.DIGEST_CACHE))
     reads = []
-    real = artefacts._sha256
-    monkeypatch.setattr(artefacts, "_sha256", lambda path: reads.append(path.name) or real(path))
+    real = artefacts.stream_sha256
+    monkeypatch.setattr(artefacts, "stream_sha256", lambda path: reads.append(path.name) or real(path))
     first = base_fingerprint(base)
     assert reads == ["model.safetensors"] and (base / artefacts.DIGEST_CACHE).is_file()
     assert base_fingerprint(base) == first and reads == ["model.safetensors"]  # cached: no second read
