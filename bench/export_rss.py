@@ -6,7 +6,7 @@ tensor (plus the adapters), never the whole model. This benchmark checks that cl
 
   1. builds a synthetic Qwen2-shaped stage-2 base of at least `--size-gb` WITHOUT
      instantiating a model: random bf16 tensors are generated layer by layer and written
-     straight into `--input-shard-size` safetensors shards (medcare_dist.hf_io.ShardedWriter),
+     straight into `--input-shard-size` safetensors shards (medcare_dist.artefacts.hf_io.ShardedWriter),
      next to a Qwen2 config.json, the tokenizer of `medcare-dist tiny-model`, a knowledge
      adapter and a manifest (what `prepare-stage2` writes);
   2. writes a stage-2 checkpoint with random knowledge + alignment LoRAs (rank `--rank`) on
@@ -56,12 +56,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from medcare_dist.adapters import lora_scale  # noqa: E402
-from medcare_dist.artefacts import KNOWLEDGE_FILE, STAGE2_KIND, base_fingerprint, versions  # noqa: E402
-from medcare_dist.checkpoint import TrainState, save_checkpoint  # noqa: E402
+from medcare_dist.adapters.lora import lora_scale  # noqa: E402
+from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE, STAGE2_KIND, base_fingerprint, versions  # noqa: E402
+from medcare_dist.artefacts.checkpoint import TrainState, save_checkpoint  # noqa: E402
 from medcare_dist.config import TrainConfig  # noqa: E402
-from medcare_dist.hf_io import SIDE_FILES, ShardedWriter, parse_size, weight_files  # noqa: E402
-from medcare_dist.stage2 import check_stage2_base  # noqa: E402
+from medcare_dist.artefacts.hf_io import SIDE_FILES, ShardedWriter, parse_size, weight_files  # noqa: E402
+from medcare_dist.method.stage2 import check_stage2_base  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5504, 16, 16, 32000
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -227,8 +227,8 @@ def measure(cmd: list[str], log: Path, interval: float = 0.005) -> dict:
 
 
 FLOOR = (
-    "import torch, transformers, deepspeed, medcare_dist.cli, medcare_dist.convert\n"
-    "from medcare_dist.artefacts import versions; versions()\n"
+    "import torch, transformers, deepspeed, medcare_dist.cli, medcare_dist.artefacts.convert\n"
+    "from medcare_dist.artefacts.manifest import versions; versions()\n"
 )
 NAIVE = (
     "import sys, torch\nfrom transformers import AutoModelForCausalLM\n"

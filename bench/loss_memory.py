@@ -38,9 +38,9 @@ def one_step(impl: str, vocab: int, batch: int, seq: int, chunk: int) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from medcare_dist.config import TrainConfig
-    from medcare_dist.losses import model_lm_loss_sum
-    from medcare_dist.stage1 import stage1_adapters
-    from medcare_dist.tiny import TINY_CONFIG
+    from medcare_dist.training.lm_loss import model_lm_loss_sum
+    from medcare_dist.method.stage1 import stage1_adapters
+    from medcare_dist.tools.tiny import TINY_CONFIG
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, **{**TINY_CONFIG, "max_position_embeddings": seq}))

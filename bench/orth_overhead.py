@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from medcare_dist.batching import plan_global_batches
-from medcare_dist.losses import orthogonal_penalty
-from medcare_dist.recipe import build_trainer, config_from_argv
-from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
-from medcare_dist.trainer import Objective
+from medcare_dist.data.batching import plan_global_batches
+from medcare_dist.training.lm_loss import orthogonal_penalty
+from medcare_dist.training.recipe import build_trainer, config_from_argv
+from medcare_dist.method.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
+from medcare_dist.training.trainer import Objective
 
 
 def main():

@@ -27,16 +27,16 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from medcare_dist.config import TrainConfig  # noqa: E402
-from medcare_dist.batching import collate, collate_packed, plan_global_batches, split_global_batch  # noqa: E402
-from medcare_dist.losses import model_lm_loss_sum  # noqa: E402
-from medcare_dist.stage1 import stage1_adapters  # noqa: E402
-from medcare_dist.tiny import TINY_CONFIG, build_tokenizer  # noqa: E402
+from medcare_dist.data.batching import collate, collate_packed, plan_global_batches, split_global_batch  # noqa: E402
+from medcare_dist.training.lm_loss import model_lm_loss_sum  # noqa: E402
+from medcare_dist.method.stage1 import stage1_adapters  # noqa: E402
+from medcare_dist.tools.tiny import TINY_CONFIG, build_tokenizer  # noqa: E402
 
 GLOBAL_BATCH, MICRO_BATCH = 16, 2
 
 
 def sample_records(tokenizer, max_length: int) -> list[dict]:
-    from medcare_dist.data import build_dataset
+    from medcare_dist.data.dataset import build_dataset
 
     dataset, _ = build_dataset(REPO / "data" / "sample" / "stage1.jsonl", tokenizer, max_length)
     return [dataset[i] for i in range(len(dataset))]

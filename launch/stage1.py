@@ -6,8 +6,8 @@ Frozen base (ZeRO-3 partitioned); LoRA on attention; a mixture of LoRA experts (
 Knowledge Aggregator + routed Noise Aggregator) on every FFN projection.
 """
 
-from medcare_dist.recipe import main_for_stage
-from medcare_dist.stage1 import RouterObjective, stage1_adapters
+from medcare_dist.training.recipe import main_for_stage
+from medcare_dist.method.stage1 import RouterObjective, stage1_adapters
 
 if __name__ == "__main__":
     raise SystemExit(

@@ -8,8 +8,8 @@ knowledge adapter). Each FFN projection gets the knowledge adapter and a new ali
 adapter; loss = LM + ortho_lambda * sum |A_know @ A_align^T|.
 """
 
-from medcare_dist.recipe import main_for_stage
-from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
+from medcare_dist.training.recipe import main_for_stage
+from medcare_dist.method.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
 
 if __name__ == "__main__":
     raise SystemExit(

@@ -7,7 +7,7 @@ import sys
 
 
 def _tiny_model(args) -> None:
-    from .tiny import write_tiny_model
+    from medcare_dist.tools.tiny import write_tiny_model
 
     out = write_tiny_model(args.out, seed=args.seed, pretrain_steps=args.pretrain_steps, pretrain_files=args.pretrain_data)
     print(f"wrote tiny Qwen2 model and tokenizer to {out}")
@@ -16,7 +16,7 @@ def _tiny_model(args) -> None:
 def _preprocess(args) -> None:
     from transformers import AutoTokenizer
 
-    from .data import preprocess
+    from medcare_dist.data.dataset import preprocess
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
     preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc=args.num_proc,
@@ -25,13 +25,13 @@ def _preprocess(args) -> None:
 
 
 def _prepare_stage2(args) -> None:
-    from .convert import prepare_stage2
+    from medcare_dist.artefacts.convert import prepare_stage2
 
     prepare_stage2(args.stage1, args.out, max_shard_size=args.max_shard_size)
 
 
 def _export(args) -> None:
-    from .convert import export_adapter, export_merged
+    from medcare_dist.artefacts.convert import export_adapter, export_merged
 
     if args.adapter_only:
         export_adapter(args.checkpoint, args.out)
@@ -40,7 +40,7 @@ def _export(args) -> None:
 
 
 def _eval(args) -> None:
-    from .evaluate import run_eval
+    from medcare_dist.eval.run import run_eval
 
     run_eval(args.model, args.data, args.out, adapter=args.adapter, records_dir=args.records,
              fewshot_dev=args.fewshot_dev or (), dtype=args.dtype, trust_remote_code=args.trust_remote_code,
@@ -53,8 +53,8 @@ def _eval_table(args) -> None:
     import json
     from pathlib import Path
 
-    from .errors import ConfigError, InputNotFoundError
-    from .eval_report import compare_table
+    from medcare_dist.errors import ConfigError, InputNotFoundError
+    from medcare_dist.eval.report import compare_table
 
     named = []
     for spec in args.reports:
@@ -68,7 +68,7 @@ def _eval_table(args) -> None:
 
 
 def _plot(args) -> None:
-    from .plotting import plot_metrics_file
+    from medcare_dist.tools.plotting import plot_metrics_file
 
     plot_metrics_file(args.metrics, args.out)
     print(f"wrote {args.out}")
@@ -82,8 +82,8 @@ PLAN_OPTIONS = ("stage", "micro_batch_size", "max_length", "grad_checkpointing",
 def _plan(args) -> None:
     import json
 
-    from .config import TrainConfig, load_config
-    from .planner import AdapterLayout, plan
+    from medcare_dist.config import TrainConfig, load_config
+    from medcare_dist.tools.planner import AdapterLayout, plan
 
     given = {k: getattr(args, k) for k in PLAN_OPTIONS if getattr(args, k) is not None}
     if args.model:
@@ -104,7 +104,7 @@ def _plan(args) -> None:
 
 def add_plan_parser(subparsers) -> None:
     """Register `plan` on the `medcare-dist` subcommand parser."""
-    from .config import TrainConfig
+    from medcare_dist.config import TrainConfig
 
     defaults = TrainConfig()
     p = subparsers.add_parser(
@@ -202,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import MedcareError
+    from medcare_dist.errors import MedcareError
 
-    from .launchers import without_local_rank
+    from medcare_dist.dist.rank_env import without_local_rank
 
     # `deepspeed --module medcare_dist eval ...` passes --local_rank=N before the subcommand
     args = build_parser().parse_args(without_local_rank(sys.argv[1:] if argv is None else argv))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ConfigError
+from medcare_dist.errors import ConfigError
 
 
 @dataclass

@@ -64,11 +64,11 @@ def write_stage1_checkpoint(model_dir: Path, out_dir: Path, seed: int = 0, **ove
     what prepare-stage2 and export read, made in a second instead of a DeepSpeed run."""
     import torch
 
-    from medcare_dist.artefacts import base_fingerprint, versions
-    from medcare_dist.checkpoint import TrainState, save_checkpoint
+    from medcare_dist.artefacts.manifest import base_fingerprint, versions
+    from medcare_dist.artefacts.checkpoint import TrainState, save_checkpoint
     from medcare_dist.config import TrainConfig
-    from medcare_dist.model import load_frozen_base
-    from medcare_dist.stage1 import stage1_adapters
+    from medcare_dist.training.base_model import load_frozen_base
+    from medcare_dist.method.stage1 import stage1_adapters
 
     cfg = TrainConfig(model=str(model_dir), data=["unused"], **{"num_experts": 4, "lora_r": 4, **overrides})
     model = load_frozen_base(str(model_dir), None, torch.float32)
@@ -87,11 +87,11 @@ def write_stage2_checkpoint(stage2_base: Path, out_dir: Path, seed: int = 0, **o
     """A stage-2 checkpoint with random (non-zero) alignment weights, written without training."""
     import torch
 
-    from medcare_dist.artefacts import base_fingerprint, versions
-    from medcare_dist.checkpoint import TrainState, save_checkpoint
+    from medcare_dist.artefacts.manifest import base_fingerprint, versions
+    from medcare_dist.artefacts.checkpoint import TrainState, save_checkpoint
     from medcare_dist.config import TrainConfig
-    from medcare_dist.model import load_frozen_base
-    from medcare_dist.stage2 import stage2_adapters
+    from medcare_dist.training.base_model import load_frozen_base
+    from medcare_dist.method.stage2 import stage2_adapters
 
     cfg = TrainConfig(stage=2, model=str(stage2_base), data=["unused"], **overrides)
     model = load_frozen_base(str(stage2_base), None, torch.float32)

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medcare_dist.batching import collate, collate_packed, pack_by_tokens, pieces_for_rank, split_global_batch
-from medcare_dist.losses import model_lm_loss_sum
-from medcare_dist.trainer import packing_is_exact
+from medcare_dist.data.batching import collate, collate_packed, pack_by_tokens, pieces_for_rank, split_global_batch
+from medcare_dist.training.lm_loss import model_lm_loss_sum
+from medcare_dist.training.trainer import packing_is_exact
 from test_losses import adapter_grads, assert_same_loss_and_gradients
 from test_model import stage1_model
 

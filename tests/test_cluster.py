@@ -467,7 +467,7 @@ def clean_env(monkeypatch):
 
 
 def test_slurm_variables_become_rank_variables(clean_env):
-    from medcare_dist import distributed as d
+    from medcare_dist.dist import process_group as d
     from medcare_dist.config import TrainConfig
 
     cfg = TrainConfig(model="m", data=["x"], global_batch_size=8, micro_batch_size=2)
@@ -486,7 +486,7 @@ def test_slurm_variables_become_rank_variables(clean_env):
 
 
 def test_first_slurm_host():
-    from medcare_dist.launchers import _first_slurm_host
+    from medcare_dist.dist.rank_env import _first_slurm_host
 
     assert _first_slurm_host("gpu[03-05,07],cpu1") == "gpu03"
     assert _first_slurm_host("node7,node8") == "node7"
@@ -494,7 +494,7 @@ def test_first_slurm_host():
 
 
 def test_master_checks_fail_fast_with_reasons():
-    from medcare_dist.distributed import DistributedSetupError, _check_master_reachable
+    from medcare_dist.dist.process_group import DistributedSetupError, _check_master_reachable
 
     with pytest.raises(DistributedSetupError, match="does not resolve"):
         _check_master_reachable("no-such-host.invalid", 29500, rank=1, wait_refused_s=None, connect_timeout_s=1)

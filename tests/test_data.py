@@ -14,11 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medcare_dist.chat import IGNORE_INDEX, ChatTemplateError, tokenize_conversation
-from medcare_dist.batching import collate, plan_global_batches
-from medcare_dist.data import (MANIFEST_NAME, DataError, build_dataset, load_dataset_for_training, normalize_record, preprocess,
+from medcare_dist.data.chat import IGNORE_INDEX, ChatTemplateError, tokenize_conversation
+from medcare_dist.data.batching import collate, plan_global_batches
+from medcare_dist.data.dataset import (MANIFEST_NAME, DataError, build_dataset, load_dataset_for_training, normalize_record, preprocess,
                                read_records)
-from medcare_dist.tiny import DEFAULT_SYSTEM_PROMPT, build_tokenizer
+from medcare_dist.tools.tiny import DEFAULT_SYSTEM_PROMPT, build_tokenizer
 
 SYSTEM = "You are a careful medical assistant."
 
@@ -307,9 +307,9 @@ def test_preprocess_command_exits_non_zero_on_nothing_to_train(tmp_path, tokeniz
 def test_training_loop_refuses_an_epoch_without_batches(tmp_path):
     from types import SimpleNamespace
 
-    from medcare_dist.checkpoint import TrainState
+    from medcare_dist.artefacts.checkpoint import TrainState
     from medcare_dist.config import TrainConfig
-    from medcare_dist.trainer import Trainer
+    from medcare_dist.training.trainer import Trainer
 
     trainer = Trainer.__new__(Trainer)  # the loop alone: no engine is needed to reach the first epoch
     trainer.cfg = TrainConfig(model="m", data=["d"], output_dir=str(tmp_path))

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from conftest import SAMPLE, run_launcher, write_stage1_checkpoint, write_stage2_checkpoint
-from medcare_dist import evaluate as ev
-from medcare_dist.loading import load_trained_model
-from medcare_dist.benchmarks import ExamRecord, read_eval_file
-from medcare_dist.data import build_dataset
-from medcare_dist.exam_prompts import cloze_prompt, exam_messages, exam_prompt, fewshot_examples, parse_answer, parse_answer_letter
-from medcare_dist.exam_scoring import FORCE_BIAS, forced_letters, greedy_generate, letter_token_ids
-from medcare_dist.losses import causal_lm_loss_sum
+from medcare_dist.eval import run as ev
+from medcare_dist.artefacts.loading import load_trained_model
+from medcare_dist.eval.exam_files import ExamRecord, read_eval_file
+from medcare_dist.data.dataset import build_dataset
+from medcare_dist.eval.prompts import cloze_prompt, exam_messages, exam_prompt, fewshot_examples, parse_answer, parse_answer_letter
+from medcare_dist.eval.scoring import FORCE_BIAS, forced_letters, greedy_generate, letter_token_ids
+from medcare_dist.training.lm_loss import causal_lm_loss_sum
 
 EN = ExamRecord(0, "Which drug class does furosemide belong to?",
                 {"A": "Proton pump inhibitor", "B": "Loop diuretic", "C": "Antiplatelet agent"}, ("B",), "pharmacology")
@@ -315,8 +315,8 @@ def test_interrupted_eval_resumes_to_the_uninterrupted_report(tiny_model_dir, sm
 
 
 def test_every_artefact_kind_and_a_peft_adapter_evaluate(tiny_model_dir, tmp_path, small_data):
-    from medcare_dist.artefacts import describe
-    from medcare_dist.convert import export_adapter, export_merged, prepare_stage2
+    from medcare_dist.artefacts.manifest import describe
+    from medcare_dist.artefacts.convert import export_adapter, export_merged, prepare_stage2
 
     stage1 = write_stage1_checkpoint(tiny_model_dir, tmp_path / "stage1")
     base = prepare_stage2(stage1, tmp_path / "stage2-base")
@@ -419,7 +419,7 @@ def test_eval_table_puts_reports_side_by_side(tmp_path):
 
     (tmp_path / "a.json").write_text(json.dumps(report(0.25, 3.0)))
     (tmp_path / "b.json").write_text(json.dumps(report(0.5, 2.125)))
-    from medcare_dist.eval_report import compare_table
+    from medcare_dist.eval.report import compare_table
 
     lines = compare_table([("base", report(0.25, 3.0)), ("final", report(0.5, 2.125))]).splitlines()
     assert lines[0].split() == ["model", "exam", "loglik", "exam", "cloze", "heldout", "loss"]

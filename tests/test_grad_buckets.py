@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from medcare_dist.adapter_set import AdapterSet
-from medcare_dist.adapters import LoRA
-from medcare_dist.grad_buckets import GradientBuckets, assign_buckets
+from medcare_dist.adapters.adapter_set import AdapterSet
+from medcare_dist.adapters.lora import LoRA
+from medcare_dist.dist.grad_buckets import GradientBuckets, assign_buckets
 
 LINEAR_MB = 256 * 257 * 4 / 2**20  # an fp32 nn.Linear(256, 256), weight and bias
 

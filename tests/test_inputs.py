@@ -15,8 +15,8 @@ STAGE1 = [sys.argv[0], "--data", str(SAMPLE / "stage1.jsonl"), "--max_steps", "1
 
 
 def run_stage1(monkeypatch, capsys, *args: str) -> str:
-    from medcare_dist import stage1
-    from medcare_dist.recipe import main_for_stage
+    from medcare_dist.method import stage1
+    from medcare_dist.training.recipe import main_for_stage
 
     monkeypatch.setattr(sys, "argv", STAGE1 + list(args))
     started = time.monotonic()
@@ -62,7 +62,7 @@ def test_hub_name_not_in_the_offline_cache(monkeypatch, capsys, tmp_path):
 def test_tokenizer_without_pad_token_falls_back_to_eos_and_without_either_is_refused(model_copy):
     from transformers import AutoTokenizer
 
-    from medcare_dist.chat import ChatTemplateError, pad_token_id
+    from medcare_dist.data.chat import ChatTemplateError, pad_token_id
 
     config = json.loads((model_copy / "tokenizer_config.json").read_text())
     config.pop("pad_token", None)
@@ -76,7 +76,7 @@ def test_tokenizer_without_pad_token_falls_back_to_eos_and_without_either_is_ref
 
 
 def test_upper_case_data_suffix_is_read(tmp_path):
-    from medcare_dist.data import read_records
+    from medcare_dist.data.dataset import read_records
 
     shutil.copy(SAMPLE / "stage1.jsonl", tmp_path / "STAGE1.JSONL")
     conversations = read_records(tmp_path / "STAGE1.JSONL")[0]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from medcare_dist.losses import ChunkedLinearCrossEntropy, model_lm_loss_sum
+from medcare_dist.training.lm_loss import ChunkedLinearCrossEntropy, model_lm_loss_sum
 from test_model import stage1_model
 
 

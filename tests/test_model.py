@@ -3,9 +3,9 @@
 import torch
 
 from medcare_dist.config import TrainConfig
-from medcare_dist.model import enable_activation_checkpointing, linear_targets, load_frozen_base
-from medcare_dist.stage1 import stage1_adapters
-from medcare_dist.losses import causal_lm_loss_sum
+from medcare_dist.training.base_model import enable_activation_checkpointing, linear_targets, load_frozen_base
+from medcare_dist.method.stage1 import stage1_adapters
+from medcare_dist.training.lm_loss import causal_lm_loss_sum
 
 
 def stage1_model(model_dir, grad_checkpointing: bool):

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from medcare_dist.config import ConfigError
-from medcare_dist.node_local import resolve_hpz
+from medcare_dist.dist.node_local import resolve_hpz
 
 _spec = importlib.util.spec_from_file_location("node_local_probe", REPO / "tests" / "dist" / "node_local_probe.py")
 probe = importlib.util.module_from_spec(_spec)

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from medcare_dist import reporting
-from medcare_dist.adapter_set import AdapterSet
+from medcare_dist.training import metrics as reporting
+from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.config import ConfigError
-from medcare_dist.reporting import COLLAPSE_MIN_SHARE, COLLAPSE_WINDOW, MetricsReporter
-from medcare_dist.stage1 import CollapseDetector, MoLoRA
+from medcare_dist.training.metrics import COLLAPSE_MIN_SHARE, COLLAPSE_WINDOW, MetricsReporter
+from medcare_dist.method.stage1 import CollapseDetector, MoLoRA
 
 TARGETS = [f"model.layers.{layer}.mlp.{proj}" for layer in range(2) for proj in ("gate_proj", "up_proj", "down_proj")]
 
@@ -74,7 +74,7 @@ def test_collapse_fires_after_the_window_and_not_on_balanced_loads():
 
 
 def _router_objective(num_experts=4, top_k=2):
-    from medcare_dist.stage1 import RouterObjective
+    from medcare_dist.method.stage1 import RouterObjective
 
     adapters = AdapterSet()
     for t in TARGETS[:2]:
@@ -151,7 +151,7 @@ def test_tensorboard_events_are_written_and_readable(tmp_path):
 
 
 def test_trainer_log_metrics_goes_through_the_sinks_on_rank_0_only(tmp_path):
-    from medcare_dist.trainer import Trainer
+    from medcare_dist.training.trainer import Trainer
 
     lines = []
     main = SimpleNamespace(world=SimpleNamespace(is_main=True), reporter=MetricsReporter(tmp_path / "r0", ["tensorboard"]),
@@ -201,7 +201,7 @@ def _axes(fig):
 
 def test_plot_stage1_metrics(tmp_path):
     from medcare_dist.cli import main
-    from medcare_dist.plotting import load_metrics, plot_metrics
+    from medcare_dist.tools.plotting import load_metrics, plot_metrics
 
     records = stage1_records(steps=12, collapse_from=4)
     for r in records[6:]:
@@ -224,7 +224,7 @@ def test_plot_stage1_metrics(tmp_path):
 
 
 def test_plot_stage2_metrics_shows_both_loss_parts_and_no_router(tmp_path):
-    from medcare_dist.plotting import load_metrics, plot_metrics_file
+    from medcare_dist.tools.plotting import load_metrics, plot_metrics_file
 
     records = stage2_records(10)
     metrics = _write(tmp_path / "metrics.jsonl", records[:8] + records[5:])  # a resume re-logs steps 6-8
@@ -241,7 +241,7 @@ def test_plot_stage2_metrics_shows_both_loss_parts_and_no_router(tmp_path):
 
 def test_plot_many_projections_summarises_and_rejects_bad_files(tmp_path):
     from medcare_dist.cli import main
-    from medcare_dist.plotting import plot_metrics
+    from medcare_dist.tools.plotting import plot_metrics
 
     wide = [{"step": s, "router_load": {f"model.layers.{i}.mlp.up_proj": [0.5, 0.3, 0.2] for i in range(10)},
              "router_entropy": {f"model.layers.{i}.mlp.up_proj": 1.0 for i in range(10)}} for s in range(1, 4)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medcare_dist.cli import add_plan_parser
-from medcare_dist.planner import (
+from medcare_dist.tools.planner import (
     BUILTIN,
     GiB,
     ZERO3,
@@ -70,10 +70,10 @@ def test_base_counts_equal_the_hf_model_and_deepspeeds_largest_layer(shape):
 def test_adapter_counts_equal_the_adapters_the_recipes_build(tmp_path):
     from safetensors.torch import save_file
 
-    from medcare_dist.artefacts import KNOWLEDGE_FILE
+    from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE
     from medcare_dist.config import TrainConfig
-    from medcare_dist.stage1 import stage1_adapters
-    from medcare_dist.stage2 import stage2_adapters
+    from medcare_dist.method.stage1 import stage1_adapters
+    from medcare_dist.method.stage2 import stage2_adapters
 
     model = small_qwen2(SMALL)
     cfg = TrainConfig()
@@ -101,7 +101,7 @@ def _saved_bytes(layers: int, dropout: float, routed_compute: str) -> int:
     from dataclasses import replace
 
     from medcare_dist.config import TrainConfig
-    from medcare_dist.stage1 import stage1_adapters
+    from medcare_dist.method.stage1 import stage1_adapters
 
     model = small_qwen2(replace(SMALL, layers=layers), torch.bfloat16)
     adapters = stage1_adapters(model, TrainConfig(lora_dropout=dropout))

@@ -5,13 +5,13 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import SAMPLE
-from medcare_dist.adapter_set import adapter_compute_dtype
+from medcare_dist.adapters.adapter_set import adapter_compute_dtype
 from medcare_dist.config import TrainConfig
-from medcare_dist.batching import collate
-from medcare_dist.data import build_dataset
-from medcare_dist.losses import model_lm_loss_sum
-from medcare_dist.model import load_frozen_base
-from medcare_dist.stage1 import stage1_adapters
+from medcare_dist.data.batching import collate
+from medcare_dist.data.dataset import build_dataset
+from medcare_dist.training.lm_loss import model_lm_loss_sum
+from medcare_dist.training.base_model import load_frozen_base
+from medcare_dist.method.stage1 import stage1_adapters
 
 STEPS = 8
 TOLERANCE = 0.01  # relative, per step: stated in docs/benchmarks.md

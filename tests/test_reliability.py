@@ -19,17 +19,17 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SAMPLE, write_stage1_checkpoint, write_stage2_checkpoint
-from medcare_dist import artefacts
-from medcare_dist.artefacts import base_fingerprint
-from medcare_dist.checkpoint import (
+from medcare_dist.artefacts.manifest import manifest as artefacts
+from medcare_dist.artefacts.manifest import base_fingerprint
+from medcare_dist.artefacts.checkpoint import (
     CheckpointError, TrainState, check_output_dir, clear_previous_run, find_resume_checkpoint, list_checkpoints, load_checkpoint,
     read_manifest, save_checkpoint,
 )
 from medcare_dist.config import ConfigError, TrainConfig, resume_differences
-from medcare_dist.jit_lock import clear_stale_locks
-from medcare_dist.reporting import MetricsReporter
-from medcare_dist.resume import check_resume_early, check_resumable
-from medcare_dist.trainer import grad_scaler, optimizer_step
+from medcare_dist.dist.jit_lock import clear_stale_locks
+from medcare_dist.training.metrics import MetricsReporter
+from medcare_dist.training.resume import check_resume_early, check_resumable
+from medcare_dist.training.trainer import grad_scaler, optimizer_step
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
@@ -164,8 +164,8 @@ def test_resume_from_an_explicit_corrupt_checkpoint_is_a_one_line_error(tiny_mod
 def test_a_changed_base_at_the_same_path_is_refused_by_every_later_step(tiny_model_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from medcare_dist.convert import export_merged, prepare_stage2
-    from medcare_dist.loading import load_trained_model
+    from medcare_dist.artefacts.convert import export_merged, prepare_stage2
+    from medcare_dist.artefacts.loading import load_trained_model
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
@@ -276,8 +276,8 @@ def test_ranks_that_see_different_checkpoints_refuse_to_resume(tmp_path):
 # --- fp16 -------------------------------------------------------------------------------------
 
 def _fp16_setup(tiny_model_dir):
-    from medcare_dist.model import load_frozen_base
-    from medcare_dist.stage1 import stage1_adapters
+    from medcare_dist.training.base_model import load_frozen_base
+    from medcare_dist.method.stage1 import stage1_adapters
 
     cfg = TrainConfig(model=str(tiny_model_dir), data=["-"], num_experts=2, top_k=2, lora_r=4, lora_dropout=0.0, dtype="fp16",
                       ds_config=str(REPO / "ds_configs" / "zero3.json"))
@@ -292,7 +292,7 @@ def _fp16_setup(tiny_model_dir):
 
 
 def _with_adapters(cfg, adapters, dtype):
-    from medcare_dist.model import load_frozen_base
+    from medcare_dist.training.base_model import load_frozen_base
 
     model = load_frozen_base(cfg.model, None, dtype)
     adapters.attach(model)
@@ -302,8 +302,8 @@ def _with_adapters(cfg, adapters, dtype):
 def _backward(model, adapters, ids, scaler):
     """One micro-batch as the trainer does it: summed token loss over the token count of a
     global batch of 128 x 1024 tokens (this micro-batch is a small piece of it)."""
-    from medcare_dist.losses import causal_lm_loss_sum
-    from medcare_dist.model import trainable_parameters
+    from medcare_dist.training.lm_loss import causal_lm_loss_sum
+    from medcare_dist.training.base_model import trainable_parameters
 
     scaler.scale(causal_lm_loss_sum(model(input_ids=ids).logits, ids) / (128 * 1024)).backward()
     return trainable_parameters(adapters)
@@ -333,7 +333,7 @@ def test_fp16_gradients_match_fp32_with_dynamic_loss_scaling(tiny_model_dir):
 
 
 def test_fp16_overflow_skips_the_step_halves_the_scale_and_grows_back(tiny_model_dir, tmp_path):
-    from medcare_dist.model import trainable_parameters
+    from medcare_dist.training.base_model import trainable_parameters
 
     cfg, adapters, ids = _fp16_setup(tiny_model_dir)
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
@@ -427,7 +427,7 @@ def test_a_stale_jit_lock_is_cleared_and_a_held_one_is_reported(tmp_path):
 def test_through_the_launcher_a_stale_jit_lock_is_cleared_and_a_stopped_rank_is_named(tiny_model_dir, tmp_path):
     """deepspeed --num_gpus 2: the shared-memory comm op's build dir holds a lock left by a killed
     process (without the fix every rank waits on it forever); then rank 1 is SIGSTOPped mid-run."""
-    from medcare_dist.jit_lock import extensions_root
+    from medcare_dist.dist.jit_lock import extensions_root
 
     ext = tmp_path / "torch_extensions"
     if extensions_root().is_dir():  # the op already built: copied, so that no rebuild is needed
@@ -480,7 +480,7 @@ def test_an_artefact_of_an_earlier_version_is_checked_by_its_own_fingerprint_sch
     import hashlib
 
     from conftest import write_stage1_checkpoint
-    from medcare_dist.artefacts import MANIFEST_FILE, check_base
+    from medcare_dist.artefacts.manifest import MANIFEST_FILE, check_base
 
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")
     ckpt = write_stage1_checkpoint(base, tmp_path / "stage1")

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SAMPLE, run_launcher
-from medcare_dist import checkpoint as ckpt_mod
-from medcare_dist.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from medcare_dist.artefacts.manifest import checkpoint as ckpt_mod
+from medcare_dist.artefacts.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 
 STEPS = 12
 RECORDS = 29

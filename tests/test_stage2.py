@@ -9,12 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import write_stage1_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
-from medcare_dist.model import load_frozen_base
-from medcare_dist.losses import orthogonal_penalty
-from medcare_dist.artefacts import KNOWLEDGE_FILE, read_manifest, record_files, write_manifest
-from medcare_dist.convert import prepare_stage2
-from medcare_dist.stage1 import stage1_adapters
-from medcare_dist.stage2 import check_stage2_base, stage2_adapters
+from medcare_dist.training.base_model import load_frozen_base
+from medcare_dist.training.lm_loss import orthogonal_penalty
+from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE, read_manifest, record_files, write_manifest
+from medcare_dist.artefacts.convert import prepare_stage2
+from medcare_dist.method.stage1 import stage1_adapters
+from medcare_dist.method.stage2 import check_stage2_base, stage2_adapters
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_stage2_refuses_inputs_that_do_not_fit(tiny_model_dir, stage1_ckpt, stag
 
 
 def test_prepare_stage2_refuses_a_changed_base_and_a_non_stage1_input(tiny_model_dir, stage2_base, tmp_path):
-    from medcare_dist.checkpoint import CheckpointError
+    from medcare_dist.artefacts.checkpoint import CheckpointError
 
     other_base = tmp_path / "other_base"
     shutil.copytree(tiny_model_dir, other_base)

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 
 from conftest import SAMPLE, run_launcher, write_stage1_checkpoint
 from medcare_dist.config import TrainConfig
-from medcare_dist.batching import collate
-from medcare_dist.data import build_dataset
-from medcare_dist.model import load_frozen_base
-from medcare_dist.losses import causal_lm_loss_sum, orthogonal_penalty
-from medcare_dist.convert import prepare_stage2
-from medcare_dist.stage2 import stage2_adapters
+from medcare_dist.data.batching import collate
+from medcare_dist.data.dataset import build_dataset
+from medcare_dist.training.base_model import load_frozen_base
+from medcare_dist.training.lm_loss import causal_lm_loss_sum, orthogonal_penalty
+from medcare_dist.artefacts.convert import prepare_stage2
+from medcare_dist.method.stage2 import stage2_adapters
 
 pytestmark = pytest.mark.distributed
 

@@ -12,9 +12,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from medcare_dist.distributed import gather_objects
-from medcare_dist.launchers import World
-from medcare_dist.liveness import Liveness, unresponsive_after
+from medcare_dist.dist.process_group import gather_objects
+from medcare_dist.dist.rank_env import World
+from medcare_dist.dist.liveness import Liveness, unresponsive_after
 
 stop = int(sys.argv[1])
 dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))

@@ -120,11 +120,11 @@ def probe_main(argv: list[str]) -> None:
     import torch.distributed
     from safetensors.torch import save_file
 
-    from medcare_dist.batching import plan_global_batches
-    from medcare_dist.stage1 import stage1_adapters
-    from medcare_dist.node_local import node_id
-    from medcare_dist.recipe import build_trainer, config_from_argv
-    from medcare_dist.stage1 import RouterObjective
+    from medcare_dist.data.batching import plan_global_batches
+    from medcare_dist.method.stage1 import stage1_adapters
+    from medcare_dist.dist.node_local import node_id
+    from medcare_dist.training.recipe import build_trainer, config_from_argv
+    from medcare_dist.method.stage1 import RouterObjective
 
     i = argv.index("--probe_out")
     out = Path(argv[i + 1])

@@ -7,8 +7,8 @@ import sys
 
 import torch.distributed as dist
 
-from medcare_dist.checkpoint import CheckpointError
-from medcare_dist.resume import agreed_resume_checkpoint
+from medcare_dist.artefacts.checkpoint import CheckpointError
+from medcare_dist.training.resume import agreed_resume_checkpoint
 
 dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=2))
 try:

@@ -24,11 +24,11 @@ from safetensors.torch import save_file
 
 from collectives import CollectivePatch  # tests/dist, the script's own directory
 
-from medcare_dist.batching import plan_global_batches
-from medcare_dist.recipe import build_trainer, config_from_argv
-from medcare_dist.losses import orthogonal_penalty
-from medcare_dist.model import enable_activation_checkpointing
-from medcare_dist.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
+from medcare_dist.data.batching import plan_global_batches
+from medcare_dist.training.recipe import build_trainer, config_from_argv
+from medcare_dist.training.lm_loss import orthogonal_penalty
+from medcare_dist.training.base_model import enable_activation_checkpointing
+from medcare_dist.method.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
 
 class CollectiveCounter(CollectivePatch):
     """Counts calls to every collective of torch.distributed and deepspeed.comm while active."""

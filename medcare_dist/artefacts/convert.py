@@ -1,0 +1,221 @@
+"""Offline conversions of checkpoints, on CPU, streamed tensor by tensor (memory: about one
+output shard; hf_io.py): nothing here imports the training stack.
+
+- `prepare_stage2`: stage-1 checkpoint -> stage-2 base dir:
+      model*.safetensors (+ index), config, tokenizer    base with the attention LoRA merged in
+      knowledge_adapter.safetensors                       the Knowledge Aggregator, "{target}.lora_A|B"
+      manifest.json                                       kind, inputs, rank and scale of the adapter
+  The Noise Aggregator (routed experts and routers) is dropped.
+- `export_merged`: a stage-2 checkpoint -> a plain Qwen2ForCausalLM dir: base + knowledge
+  adapter + alignment adapter merged into the weights (W += scale * (B_k A_k + B_a A_a)).
+- `export_adapter`: a stage-2 checkpoint -> one PEFT LoRA adapter on the stage-2 base. Two
+  LoRAs with the same scale on the same layer are one LoRA of the summed rank:
+  [B_k B_a] @ [A_k; A_a] = B_k A_k + B_a A_a. On a stage-1 checkpoint: the attention LoRA as
+  a PEFT adapter on the original base, and the mixture-of-LoRA weights in `molora.safetensors`.
+
+The layouts written are described in docs/export.md. `merge_into_base` is the one streaming
+merge both prepare-stage2 and export run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from medcare_dist.adapters.lora import lora_scale
+from medcare_dist.artefacts.manifest import (
+    ADAPTERS_FILE, KNOWLEDGE_FILE, STAGE2_KIND, adapter_tensor_name, base_fingerprint, base_model_dir, checkpoint_config,
+    describe,
+    lora_pairs, read_manifest, record_files, require_empty_dir, verify_artefact, versions, write_manifest,
+)
+from medcare_dist.errors import CheckpointError
+from medcare_dist.artefacts.hf_io import ShardedWriter, copy_side_files, iter_tensors, parse_size, weight_files
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def merge_into_base(base_dir: Path, out: Path, deltas: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], scale: float,
+                    max_shard_size: str, dtype: torch.dtype | None = None) -> tuple[int, list[Path]]:
+    """Write base_dir's weights to `out` with W += scale * sum(B @ A) for every target in
+    `deltas` ({target: [(A, B), ...]}), merged in fp32, then cast to `dtype` (floating tensors;
+    None: each keeps its own dtype); plus the side files. Returns (merged count, shards)."""
+    writer = ShardedWriter(out, parse_size(max_shard_size))
+    merged = 0
+    for name, tensor in iter_tensors(base_dir):
+        pairs = deltas.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if pairs:
+            weight = tensor.to(torch.float32, copy=True)
+            for a, b in pairs:
+                weight.addmm_(b.float(), a.float(), alpha=scale)
+            tensor = weight if dtype is not None else weight.to(tensor.dtype)
+            merged += 1
+        writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+    shards = writer.close()
+    copy_side_files(base_dir, out)
+    return merged, shards
+
+
+def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard_size: str = "5GB", log=print) -> Path:
+    """Merge the attention LoRA into the base, keep the Knowledge Aggregator, drop the
+    Noise Aggregator."""
+    ckpt, out = Path(stage1_checkpoint), Path(out_dir)
+    manifest = read_manifest(ckpt)
+    if manifest.get("stage") != 1:
+        raise CheckpointError(f"{ckpt}: a stage-{manifest.get('stage')} artefact, not a stage-1 checkpoint")
+    require_empty_dir(out)
+    verify_artefact(ckpt)  # its files' digests, and a base whose weights have not changed since stage 1
+    cfg = checkpoint_config(ckpt)
+    base_dir = base_model_dir(manifest)
+    adapters = load_file(str(ckpt / ADAPTERS_FILE))
+    scale = lora_scale(cfg.lora_alpha, cfg.lora_r, cfg.use_rslora)
+
+    attn = lora_pairs(adapters, "attn_lora")
+    ka = lora_pairs(adapters, "molora", "ka_A", "ka_B")
+    ffn = sorted(ka)
+    tensor_names = set(weight_files(base_dir))
+    missing = [t for t in sorted(attn) + ffn if f"{t}.weight" not in tensor_names]
+    if missing:
+        raise CheckpointError(f"{ckpt}: adapter targets {missing[:3]} have no weight in base {base_dir}")
+
+    merged, _ = merge_into_base(base_dir, out, {t: [pair] for t, pair in attn.items()}, scale, max_shard_size)
+    knowledge = {}
+    for target in ffn:
+        knowledge[adapter_tensor_name(None, target, "lora_A")] = ka[target][0].contiguous()
+        knowledge[adapter_tensor_name(None, target, "lora_B")] = ka[target][1].contiguous()
+    save_file(knowledge, str(out / KNOWLEDGE_FILE))
+    rank = int(next(iter(knowledge.values())).shape[0]) if knowledge else 0
+    write_manifest(out, {
+        "kind": STAGE2_KIND,
+        "stage1_checkpoint": str(ckpt.resolve()),
+        "stage1_step": manifest.get("step"),
+        "original_base_model": manifest["base_model"],
+        "original_base_source": manifest.get("base_source"),
+        "original_base_fingerprint": manifest["base_fingerprint"],
+        "files": record_files(out, cache=True),  # the weights hashed once here; later checks read the cache
+        "base_fingerprint": base_fingerprint(out),
+        "merged_attention_targets": sorted(attn),
+        "dropped": "Noise Aggregator (routed experts and routers)",
+        "knowledge": {"targets": ffn, "rank": rank, "scale": scale},
+        "versions": versions(),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    log(f"stage-2 base written to {out}: {merged} attention projections merged, knowledge adapter on {len(ffn)} FFN projections (rank {rank})")
+    return out
+
+
+def stage2_deltas(checkpoint: Path) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], float]:
+    """{target: [(A, B), ...]} of every stage-2 LoRA, and their common scale."""
+    base_manifest = read_manifest(base_model_dir(read_manifest(checkpoint)))
+    adapters = load_file(str(checkpoint / ADAPTERS_FILE))
+    deltas: dict[str, list] = {}
+    for group in ("knowledge", "alignment"):
+        for target, pair in lora_pairs(adapters, group).items():
+            deltas.setdefault(target, []).append(pair)
+    return deltas, base_manifest["knowledge"]["scale"]
+
+
+def _require(checkpoint: Path, kinds: tuple[str, ...], what: str) -> str:
+    kind = describe(checkpoint)
+    if kind not in kinds:
+        raise CheckpointError(f"{checkpoint} is a {kind}; {what} needs a {' or '.join(kinds)}")
+    return kind
+
+
+def _model_card(out: Path, checkpoint: Path, manifest: dict, how: str) -> None:
+    out.joinpath("README.md").write_text(
+        "---\nlibrary_name: transformers\ntags: [medical, medcare, qwen2]\n---\n\n"
+        f"# {out.name}\n\n"
+        "A medical chat model trained with the two-stage MedCare method by medcare_dist "
+        "(knowledge aggregation with a mixture of LoRA experts, then clinical alignment with an "
+        "orthogonality penalty between the alignment and knowledge adapters).\n\n"
+        f"{how}\n\n"
+        f"- source checkpoint: `{checkpoint}` (stage {manifest.get('stage')}, step {manifest.get('step')})\n"
+        f"- stage-2 base: `{manifest.get('base_model')}`\n"
+        f"- exported: {time.strftime('%Y-%m-%d')} with medcare_dist {versions()['medcare_dist']}\n\n"
+        "Sample data and the tiny default model are for smoke tests only; this card says nothing "
+        "about clinical quality. Do not use a model for medical decisions without evaluation.\n"
+    )
+
+
+def export_merged(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_size: str = "5GB", log=print) -> Path:
+    """Stage-2 checkpoint -> plain HF model dir, never holding the whole model in memory."""
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    kind = describe(checkpoint)
+    if kind == "stage1-checkpoint":
+        raise CheckpointError(f"{checkpoint} is a stage-1 checkpoint: its routed experts cannot be merged into dense weights. "
+                              "Run prepare-stage2 (a plain HF model of the merged base) or export --adapter-only")
+    _require(checkpoint, ("stage2-checkpoint",), "a merged export")
+    require_empty_dir(out)
+    manifest = verify_artefact(checkpoint)  # digests, and its stage-2 base unchanged since training
+    base = base_model_dir(manifest)
+    deltas, scale = stage2_deltas(checkpoint)
+    merged, shards = merge_into_base(base, out, deltas, scale, max_shard_size, DTYPES[dtype])
+    config = json.loads((out / "config.json").read_text())
+    config["torch_dtype"] = config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _model_card(out, checkpoint, manifest, f"Weights: the stage-2 base with the knowledge and alignment adapters merged ({merged} projections), {dtype}.")
+    log(f"exported {merged} merged projections into {len(shards)} shard(s) at {out}")
+    return out
+
+
+def _peft_config(targets: list[str], ranks: dict[str, int], scale: float, base: str):
+    """A PEFT LoraConfig that reproduces `scale` for every target (rank per module if they differ)."""
+    from peft import LoraConfig
+
+    leaf_ranks: dict[str, int] = {}
+    for target in targets:
+        leaf_ranks.setdefault(target.rsplit(".", 1)[-1], ranks[target])
+    r = max(leaf_ranks.values())
+    return LoraConfig(
+        r=r,
+        lora_alpha=scale * r,
+        target_modules=sorted(leaf_ranks),
+        rank_pattern={k: v for k, v in leaf_ranks.items() if v != r},
+        alpha_pattern={k: scale * v for k, v in leaf_ranks.items() if v != r},
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base,
+    )
+
+
+def _write_peft(out: Path, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float, base: str) -> None:
+    tensors = {}
+    for target, (a, b) in pairs.items():
+        tensors[f"base_model.model.{target}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{target}.lora_B.weight"] = b.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    _peft_config(list(pairs), {t: a.shape[0] for t, (a, _) in pairs.items()}, scale, base).save_pretrained(str(out))
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+
+
+def export_adapter(checkpoint: str | Path, out_dir: str | Path, log=print) -> Path:
+    """PEFT adapter(s) of a checkpoint (see the module docstring)."""
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    kind = _require(checkpoint, ("stage1-checkpoint", "stage2-checkpoint"), "--adapter-only")
+    require_empty_dir(out)
+    manifest = verify_artefact(checkpoint)
+    cfg = checkpoint_config(checkpoint)
+    if kind == "stage2-checkpoint":
+        deltas, scale = stage2_deltas(checkpoint)
+        fused = {t: (torch.cat([a for a, _ in p]), torch.cat([b for _, b in p], dim=1)) for t, p in deltas.items()}
+        _write_peft(out, fused, scale, cfg.model)
+        _model_card(out, checkpoint, manifest, "A PEFT LoRA adapter (knowledge and alignment adapters fused) for the stage-2 base named below.")
+        log(f"wrote a PEFT adapter on {len(fused)} projections to {out} (base: {cfg.model})")
+        return out
+    adapters = load_file(str(checkpoint / ADAPTERS_FILE))
+    scale = lora_scale(cfg.lora_alpha, cfg.lora_r, cfg.use_rslora)
+    _write_peft(out, lora_pairs(adapters, "attn_lora"), scale, cfg.model)
+    molora = {k[len("molora."):]: v for k, v in adapters.items() if k.startswith("molora.")}
+    save_file(molora, str(out / "molora.safetensors"), metadata={
+        "format": "medcare_dist.molora/1", "num_experts": str(cfg.num_experts), "top_k": str(cfg.top_k),
+        "rank": str(cfg.lora_r), "shared_rank": str(cfg.lora_r * cfg.num_shared), "scale": str(scale),
+    })
+    _model_card(out, checkpoint, manifest, "Stage-1 adapters: the attention LoRA as a PEFT adapter on the original base; "
+                "the mixture of LoRA experts in molora.safetensors (docs/export.md).")
+    log(f"wrote the stage-1 attention LoRA (PEFT) and molora.safetensors to {out}")
+    return out

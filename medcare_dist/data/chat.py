@@ -1,0 +1,180 @@
+"""From a conversation to token ids and labels that train exactly the assistant replies.
+
+The tokenizer's chat template renders the whole conversation once. Each assistant turn is
+then located in that rendering: it starts where the rendering of the conversation before
+it, with the generation prompt, ends, and its reply plus end-of-turn text (with Qwen's
+ChatML, the reply, ``<|im_end|>`` and the newline) is taken from rendering the
+conversation through that turn. The reply must appear at the turn's start, or after the
+same template text that the template gives a last turn: Qwen3 renders the empty think
+block ``<think>\\n\\n</think>\\n\\n`` before the last reply only, so rendering prefixes
+does not reproduce the whole rendering, yet each reply is found. That template text is
+masked like the role words: only what the assistant says, its end-of-turn token and the
+newline after it are trained (the reference's rule). A template that renders a reply
+some other way is refused, naming the turn.
+
+Text inside a message that spells one of the tokenizer's added tokens (``<|im_end|>``,
+``<think>``, ...) is never turned into that token here: it is tokenised as plain text.
+Whether such a record is accepted at all is `data.build_dataset`'s choice
+(``control_tokens``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+
+from medcare_dist.errors import MedcareError
+
+IGNORE_INDEX = -100
+_LITERAL = "\ue000{}\ue001"  # stands for a piece of message text that must stay plain text
+_LITERAL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class ChatTemplateError(MedcareError):
+    """The tokenizer has no vocabulary or chat template, or its template hides an assistant reply."""
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Refuse a tokenizer that cannot label conversations, naming the directory it came from."""
+    where = tokenizer.name_or_path or "the tokenizer"
+    if not set(tokenizer.get_vocab().values()) - set(tokenizer.added_tokens_decoder):
+        raise ChatTemplateError(f"{where}: the tokenizer has no vocabulary (no tokenizer.json or vocab files there?)")
+    if not tokenizer.chat_template:
+        raise ChatTemplateError(f"{where}: the tokenizer has no chat template (tokenizer_config.json 'chat_template' "
+                                "or chat_template.jinja): cannot tell which tokens are assistant replies")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads micro-batches: the tokenizer's pad token, else (as Qwen's base models
+    and most causal LMs do) its end-of-sequence token. Padding is masked out of the loss."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ChatTemplateError(f"{tokenizer.name_or_path or 'the tokenizer'}: the tokenizer has neither a pad nor an "
+                            "eos token; set \"pad_token\" in its tokenizer_config.json")
+
+
+def control_token_strings(tokenizer) -> tuple[str, ...]:
+    """The strings that the tokenizer turns into one of its added tokens (special or not), longest first."""
+    return tuple(sorted({token.content for token in tokenizer.added_tokens_decoder.values()}, key=lambda s: (-len(s), s)))
+
+
+def find_control_token(text: str, tokens: tuple[str, ...]) -> str | None:
+    """The first control token spelled in `text`, or None."""
+    found = _control_pattern(tokens).search(text) if tokens else None
+    return found.group(0) if found else None
+
+
+@functools.lru_cache(maxsize=8)
+def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, tokens)))
+
+
+# ------------------------------------------------------------------------- rendering
+
+
+def render_with_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Render a conversation with the chat template; return the text and, for each assistant
+    turn, the character span [start, end) of its reply and end-of-turn text in that text."""
+    text = _render(tokenizer, messages)
+    return text, [_reply_span(tokenizer, messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
+def _reply_span(tokenizer, messages: list[dict], i: int, text: str) -> tuple[int, int]:
+    prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+    through = _render(tokenizer, messages[: i + 1])
+    if not (text.startswith(prompt) and through.startswith(prompt)):
+        raise ChatTemplateError(
+            f"turn {i}: the chat template renders the conversation before this assistant turn (with the "
+            "generation prompt) differently from how the turn starts in the whole conversation"
+        )
+    turn = through[len(prompt):]
+    at = turn.find(messages[i]["content"])
+    if at < 0:
+        raise ChatTemplateError(f"turn {i}: the chat template does not render this assistant reply as given")
+    lead, reply = turn[:at], turn[at:]  # lead: template text before a last reply (Qwen3's empty think block)
+    rest = text[len(prompt):]
+    for before in (lead, ""):
+        if rest.startswith(before + reply):
+            start = len(prompt) + len(before)
+            return start, start + len(reply)
+    raise ChatTemplateError(
+        f"turn {i}: the chat template renders this assistant reply differently inside the whole conversation "
+        "than as its last turn, so its tokens cannot be located"
+    )
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+# ------------------------------------------------------------------------ tokenising
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> dict:
+    """Tokenise one conversation: input_ids, labels (-100 outside assistant replies),
+    num_label_tokens (count of labels[1:] != -100), length, truncated.
+
+    Control-token text inside a message is tokenised as plain text: it is swapped for a
+    placeholder before rendering and encoded on its own where the placeholder lands.
+    """
+    literals: list[str] = []
+    pattern = _control_pattern(control_token_strings(tokenizer) + ("\ue000",))
+
+    def hide(match: re.Match) -> str:
+        literals.append(match.group(0))
+        return _LITERAL.format(len(literals) - 1)
+
+    hidden = [{**message, "content": pattern.sub(hide, message["content"])} for message in messages]
+    text, spans = render_with_spans(hidden, tokenizer)
+    input_ids, starts = _encode(tokenizer, text, literals)
+    labels = [token if any(begin <= start < end for begin, end in spans) else IGNORE_INDEX
+              for token, start in zip(input_ids, starts)]
+    return {
+        "input_ids": input_ids[:max_length],
+        "labels": labels[:max_length],
+        "num_label_tokens": sum(label != IGNORE_INDEX for label in labels[1:max_length]),
+        "length": min(len(input_ids), max_length),
+        "truncated": len(input_ids) > max_length,
+    }
+
+
+def _encode(tokenizer, text: str, literals: list[str]) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and the character offset each starts at; every placeholder is
+    encoded as its literal's plain text (its tokens start at the placeholder)."""
+    ids, starts, pos = [], [], 0
+    for match in [*_LITERAL_RE.finditer(text), None]:
+        end = match.start() if match else len(text)
+        if end > pos:
+            encoding = tokenizer(text[pos:end], add_special_tokens=False, return_offsets_mapping=True)
+            ids += encoding["input_ids"]
+            starts += [pos + begin for begin, _ in encoding["offset_mapping"]]
+        if match:
+            plain = _plain_text_ids(tokenizer, literals[int(match.group(1))])
+            ids += plain
+            starts += [match.start()] * len(plain)
+            pos = match.end()
+    return ids, starts
+
+
+def _plain_text_ids(tokenizer, text: str) -> list[int]:
+    """Ids of `text` with no added token among them (added tokens that are not special are
+    matched even with split_special_tokens, so such text is encoded in halves)."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if len(text) < 2 or not set(ids) & set(tokenizer.added_tokens_decoder):
+        return ids
+    half = len(text) // 2
+    return _plain_text_ids(tokenizer, text[:half]) + _plain_text_ids(tokenizer, text[half:])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the tokenizer's vocabulary, special tokens and chat template."""
+    identity = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special_tokens": tokenizer.special_tokens_map,
+        "added_tokens": sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()),
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -1,0 +1,142 @@
+"""The loss terms of MedCare, as plain functions of tensors and models.
+
+The LM loss has two implementations with the same value and gradient:
+
+- `causal_lm_loss_sum(logits, labels)`: from the model's full logits ([tokens, vocab] for the
+  whole micro-batch; at Qwen's 151,936-entry vocabulary that is most of a step's memory);
+- `model_lm_loss_sum(model, inputs, labels, chunk_tokens)`: runs the model with no logits
+  at all (`logits_to_keep` empty), takes the final hidden states, keeps only the positions
+  that have a label, and applies the LM head plus cross entropy `chunk_tokens` rows at a
+  time (`ChunkedLinearCrossEntropy`), inside the LM head's own forward. Peak logit memory is one [chunk_tokens, vocab] fp32
+  block, whatever the micro-batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from medcare_dist.adapters.adapter_set import AdapterSet
+from medcare_dist.data.chat import IGNORE_INDEX
+
+LM_LOSS_IMPLS = ("chunked", "full", "liger")
+
+
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum (not mean) of next-token cross entropy over the labelled positions."""
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight^T, target_i), `chunk` rows at a time; weight is frozen.
+
+    The gradient with respect to `hidden` is computed in the forward, chunk by chunk
+    ((softmax - onehot) @ weight), so no chunk's logits outlive its iteration and the
+    backward needs neither logits nor the weight: under ZeRO-3 the LM head is gathered once,
+    for the forward only. Logits, softmax and the loss are fp32 (the matmul runs in the
+    weight's dtype, as the model's own LM head does). Without grad mode no gradient is made.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = F.linear(h.to(weight.dtype), weight).float()
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: one [chunk, vocab] buffer per iteration
+            total = probs.sum(dim=1, keepdim=True)
+            loss += (total.log().squeeze(1) + top.squeeze(1) - target_logit).sum()
+            if grad is not None:
+                probs.div_(total)
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            del logits, probs
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None
+
+
+def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden rows that predict a label [N, hidden], those labels [N]): position t predicts labels[t + 1]."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, impl: str = "chunked",
+                      chunk_tokens: int = 1024) -> torch.Tensor:
+    """Sum of next-token cross entropy over the labelled positions of one micro-batch.
+
+    impl "full": the model's own logits and `causal_lm_loss_sum`. "chunked": see
+    `ChunkedLinearCrossEntropy`. "liger": Liger-Kernel's fused linear cross entropy (CUDA;
+    optional dependency). Every rank must call this the same number of times: under ZeRO-3
+    the LM head weight is gathered collectively, also for a micro-batch with no label.
+
+    The chunked and fused losses are computed inside the model's own forward, in a hook on the
+    LM head that runs while ZeRO-3 holds the head's weight gathered for that forward (the model
+    itself computes no logits: `logits_to_keep` is empty). So the head is gathered once per
+    micro-batch, by ZeRO-3's own fetch, which under hpZ stays inside the node
+    (ds_configs/zero3_node_local.json); the backward needs no weight at all.
+    """
+    if impl == "full":
+        return causal_lm_loss_sum(model(**inputs).logits, labels)
+    if impl not in LM_LOSS_IMPLS:
+        raise ValueError(f"lm_loss must be one of {', '.join(LM_LOSS_IMPLS)}, not {impl!r}")
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__} soft-caps its logits: use lm_loss 'full'")
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__}'s LM head has a bias: use lm_loss 'full'")
+    found: dict[str, torch.Tensor] = {}
+
+    def keep_hidden(_module, _args, out):
+        found["hidden"] = out[0]
+
+    def loss_at_head(module, _args, _out):
+        hidden, targets = labelled_positions(found["hidden"], labels)
+        if impl == "liger":
+            found["loss"] = _liger_loss_sum(hidden, module.weight, targets)
+        else:
+            found["loss"] = ChunkedLinearCrossEntropy.apply(hidden, module.weight, targets, chunk_tokens)
+
+    handles = [model.get_decoder().register_forward_hook(keep_hidden),
+               head.register_forward_hook(loss_at_head, prepend=True)]  # before ZeRO-3 releases the weight
+    try:
+        model(**inputs, logits_to_keep=torch.zeros(0, dtype=torch.long, device=inputs["input_ids"].device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found["loss"]
+
+
+def _liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        raise ValueError("lm_loss 'liger' needs the liger-kernel package (pip install liger-kernel)") from None
+    if not hidden.is_cuda:
+        raise ValueError("lm_loss 'liger' runs on CUDA only; use 'chunked' on this device")
+    return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def orthogonal_penalty(adapters: AdapterSet) -> torch.Tensor:
+    """sum over projections with both adapters of sum(|A_know @ A_align^T|).
+
+    A local expression on this rank's full copies of the adapters: no collective in the
+    forward or the backward, and an exact gradient (the adapters are never ZeRO-partitioned).
+    """
+    knowledge = {target: a for _, target, a in adapters.items("knowledge")}
+    terms = [(knowledge[t].lora_A @ a.lora_A.T).abs().sum() for _, t, a in adapters.items("alignment") if t in knowledge]
+    return torch.stack(terms).sum()
