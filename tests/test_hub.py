@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from medcare_dist.artefacts.manifest import hub
+from medcare_dist.artefacts import hub
 from medcare_dist.artefacts.hub import ModelSource, ModelSourceError, locate, resolve_model
 
 from conftest import layout_hub_cache

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SAMPLE, write_stage1_checkpoint, write_stage2_checkpoint
-from medcare_dist.artefacts.manifest import manifest as artefacts
+from medcare_dist.artefacts import manifest as artefacts
 from medcare_dist.artefacts.manifest import base_fingerprint
 from medcare_dist.artefacts.checkpoint import (
     CheckpointError, TrainState, check_output_dir, clear_previous_run, find_resume_checkpoint, list_checkpoints, load_checkpoint,

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SAMPLE, run_launcher
-from medcare_dist.artefacts.manifest import checkpoint as ckpt_mod
+from medcare_dist.artefacts import checkpoint as ckpt_mod
 from medcare_dist.artefacts.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 
 STEPS = 12
