@@ -61,7 +61,7 @@ from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE, STAGE2_KIND, base_fi
 from medcare_dist.artefacts.checkpoint import TrainState, save_checkpoint  # noqa: E402
 from medcare_dist.config import TrainConfig  # noqa: E402
 from medcare_dist.artefacts.hf_io import SIDE_FILES, ShardedWriter, parse_size, weight_files  # noqa: E402
-from medcare_dist.method.stage2 import check_stage2_base  # noqa: E402
+from medcare_dist.artefacts.stage2_base import check_stage2_base  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5504, 16, 16, 32000
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -181,7 +181,7 @@ def write_stage2_checkpoint(base: Path, out: Path, knowledge: dict, rank: int, s
     cfg = TrainConfig(stage=2, model=str(base), data=["unused"], lora_r=rank)
     manifest = {"stage": 2, "base_model": str(base), "base_fingerprint": base_fingerprint(base),
                 "adapter_layout": layout, "versions": versions()}
-    return save_checkpoint(out, TrainState(step=1), adapters, {}, {}, cfg.to_dict(), manifest)
+    return save_checkpoint(out, TrainState(step=1), adapters, {}, cfg.to_dict(), manifest)
 
 
 # --- measuring a child process ------------------------------------------------------------------
@@ -227,7 +227,7 @@ def measure(cmd: list[str], log: Path, interval: float = 0.005) -> dict:
 
 
 FLOOR = (
-    "import torch, transformers, deepspeed, medcare_dist.cli, medcare_dist.artefacts.convert\n"
+    "import torch, transformers, deepspeed, medcare_dist.cli, medcare_dist.artefacts.export\n"
     "from medcare_dist.artefacts.manifest import versions; versions()\n"
 )
 NAIVE = (

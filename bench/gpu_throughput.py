@@ -28,9 +28,9 @@ import torch
 
 from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.adapters.lora import LoRA
-from medcare_dist.training.base_model import enable_activation_checkpointing
+from medcare_dist.training.zero3 import enable_activation_checkpointing
 from medcare_dist.training.lm_loss import causal_lm_loss_sum, orthogonal_penalty
-from medcare_dist.method.stage1 import MoLoRA
+from medcare_dist.method.molora import MoLoRA
 
 SHAPES = {  # Qwen1.5 chat models
     "qwen1.5-1.8b": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16),

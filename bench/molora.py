@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from medcare_dist.method.stage1 import MoLoRA  # noqa: E402
+from medcare_dist.method.molora import MoLoRA  # noqa: E402
 
 SHAPES = {"1.8B": (2048, 5504), "7B": (4096, 11008), "14B": (5120, 13696)}
 VARIANTS = ["base", "stacked", "dense", "sparse"]

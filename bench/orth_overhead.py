@@ -18,7 +18,8 @@ import torch
 from medcare_dist.data.batching import plan_global_batches
 from medcare_dist.training.lm_loss import orthogonal_penalty
 from medcare_dist.training.recipe import build_trainer, config_from_argv
-from medcare_dist.method.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
+from medcare_dist.artefacts.stage2_base import adapters_on_stage2_base, check_stage2_base
+from medcare_dist.method.stage2 import OrthogonalObjective
 from medcare_dist.training.trainer import Objective
 
 
@@ -30,7 +31,7 @@ def main():
         steps = int(argv[i + 1])
         del argv[i:i + 2]
     cfg = config_from_argv(argv + ["--output_dir", "/tmp/orth_overhead"], stage=2)
-    trainer = build_trainer(cfg, stage2_adapters, lambda a, c: OrthogonalObjective(a, 1.0), lambda c: {"stage2_base": check_stage2_base(c.model)})
+    trainer = build_trainer(cfg, adapters_on_stage2_base, lambda a, c: OrthogonalObjective(a, 1.0), lambda c: {"stage2_base": check_stage2_base(c.model)})
     variants = {"lambda=1": trainer.objective, "no ortho term": Objective()}
     batches = plan_global_batches(trainer.lengths, cfg.global_batch_size, cfg.seed, 0)
     times = {name: [] for name in variants}

@@ -9,13 +9,14 @@ adapter; loss = LM + ortho_lambda * sum |A_know @ A_align^T|.
 """
 
 from medcare_dist.training.recipe import main_for_stage
-from medcare_dist.method.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
+from medcare_dist.artefacts.stage2_base import adapters_on_stage2_base, check_stage2_base
+from medcare_dist.method.stage2 import OrthogonalObjective
 
 if __name__ == "__main__":
     raise SystemExit(
         main_for_stage(
             stage=2,
-            build_adapters=stage2_adapters,
+            build_adapters=adapters_on_stage2_base,
             build_objective=lambda adapters, cfg: OrthogonalObjective(adapters, cfg.ortho_lambda),
             check_inputs=lambda cfg: {"stage2_base": check_stage2_base(cfg.model)},
         )

@@ -25,13 +25,13 @@ def _preprocess(args) -> None:
 
 
 def _prepare_stage2(args) -> None:
-    from medcare_dist.artefacts.convert import prepare_stage2
+    from medcare_dist.artefacts.stage2_base import prepare_stage2
 
     prepare_stage2(args.stage1, args.out, max_shard_size=args.max_shard_size)
 
 
 def _export(args) -> None:
-    from medcare_dist.artefacts.convert import export_adapter, export_merged
+    from medcare_dist.artefacts.export import export_adapter, export_merged
 
     if args.adapter_only:
         export_adapter(args.checkpoint, args.out)

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from medcare_dist.errors import ConfigError
+from medcare_dist.resources import DEFAULT_DS_CONFIG, read_ds_config
 
 
 @dataclass
@@ -67,7 +68,7 @@ class TrainConfig:
     grad_bucket_mb: float = 25.0  # adapter gradients are all-reduced in buckets of this size while backward runs
 
     # runtime
-    ds_config: str = "ds_configs/zero3.json"
+    ds_config: str = DEFAULT_DS_CONFIG  # a JSON file, or a packaged config by name (zero3, zero3_offload, zero3_node_local)
     dtype: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | fp32
     adapter_dtype: str = "auto"  # adapter matmul precision, weights stay fp32: auto (bf16 with a bf16 base) | bf16 | fp32
     log_every: int = 10
@@ -112,6 +113,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value) or not ok(value):
                 raise ConfigError(f"{name} must be {wanted}, got {value}")
+        read_ds_config(self.ds_config)  # exists and parses: found now, not after the data load and the rendezvous
         if self.overwrite and self.resume:
             raise ConfigError(f"--overwrite deletes the checkpoints that --resume {self.resume} would continue from: pass one of them")
         self.resume_override = [n for item in self.resume_override for n in item.split(",") if n]  # `lr,max_steps` or `lr max_steps`

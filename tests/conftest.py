@@ -67,7 +67,7 @@ def write_stage1_checkpoint(model_dir: Path, out_dir: Path, seed: int = 0, **ove
     from medcare_dist.artefacts.manifest import base_fingerprint, versions
     from medcare_dist.artefacts.checkpoint import TrainState, save_checkpoint
     from medcare_dist.config import TrainConfig
-    from medcare_dist.training.base_model import load_frozen_base
+    from medcare_dist.artefacts.hf_model import load_frozen_base
     from medcare_dist.method.stage1 import stage1_adapters
 
     cfg = TrainConfig(model=str(model_dir), data=["unused"], **{"num_experts": 4, "lora_r": 4, **overrides})
@@ -80,7 +80,7 @@ def write_stage1_checkpoint(model_dir: Path, out_dir: Path, seed: int = 0, **ove
                 p.normal_(std=0.05)
     manifest = {"stage": 1, "base_model": str(model_dir), "base_fingerprint": base_fingerprint(model_dir),
                 "adapter_layout": adapters.layout(), "versions": versions()}
-    return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, {}, cfg.to_dict(), manifest)
+    return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, cfg.to_dict(), manifest)
 
 
 def write_stage2_checkpoint(stage2_base: Path, out_dir: Path, seed: int = 0, **overrides) -> Path:
@@ -90,20 +90,20 @@ def write_stage2_checkpoint(stage2_base: Path, out_dir: Path, seed: int = 0, **o
     from medcare_dist.artefacts.manifest import base_fingerprint, versions
     from medcare_dist.artefacts.checkpoint import TrainState, save_checkpoint
     from medcare_dist.config import TrainConfig
-    from medcare_dist.training.base_model import load_frozen_base
-    from medcare_dist.method.stage2 import stage2_adapters
+    from medcare_dist.artefacts.hf_model import load_frozen_base
+    from medcare_dist.artefacts.stage2_base import adapters_on_stage2_base
 
     cfg = TrainConfig(stage=2, model=str(stage2_base), data=["unused"], **overrides)
     model = load_frozen_base(str(stage2_base), None, torch.float32)
     torch.manual_seed(seed)
-    adapters = stage2_adapters(model, cfg)
+    adapters = adapters_on_stage2_base(model, cfg)
     with torch.no_grad():
         for name, p in adapters.named_parameters():
             if "alignment" in name and name.endswith("lora_B"):
                 p.normal_(std=0.05)
     manifest = {"stage": 2, "base_model": str(stage2_base), "base_fingerprint": base_fingerprint(stage2_base),
                 "adapter_layout": adapters.layout(), "versions": versions()}
-    return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, {}, cfg.to_dict(), manifest)
+    return save_checkpoint(Path(out_dir), TrainState(step=1), adapters.flat_state_dict(), {}, cfg.to_dict(), manifest)
 
 
 def layout_hub_cache(model_dir: Path, cache: Path, repo_id: str, revision: str = HUB_REVISION) -> tuple[Path, str]:

@@ -5,7 +5,7 @@ import torch
 
 from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.adapters.lora import LoRA
-from medcare_dist.method.stage1 import MoLoRA, load_balancing_loss
+from medcare_dist.method.molora import MoLoRA, load_balancing_loss
 
 
 ROUTED = ["sparse", "dense"]
@@ -90,7 +90,7 @@ def test_lora_delta_and_merge_agree():
 
 
 def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed():
-    from medcare_dist.method.stage1 import Routing
+    from medcare_dist.method.molora import Routing
 
     uniform = Routing(probs=torch.full((8, 4), 0.25), top_idx=torch.arange(8).remainder(4).unsqueeze(-1))
     assert float(load_balancing_loss(uniform, 4, None)) == pytest.approx(1.0)

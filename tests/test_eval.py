@@ -315,8 +315,9 @@ def test_interrupted_eval_resumes_to_the_uninterrupted_report(tiny_model_dir, sm
 
 
 def test_every_artefact_kind_and_a_peft_adapter_evaluate(tiny_model_dir, tmp_path, small_data):
-    from medcare_dist.artefacts.manifest import describe
-    from medcare_dist.artefacts.convert import export_adapter, export_merged, prepare_stage2
+    from medcare_dist.artefacts.manifest import artefact_kind
+    from medcare_dist.artefacts.export import export_adapter, export_merged
+    from medcare_dist.artefacts.stage2_base import prepare_stage2
 
     stage1 = write_stage1_checkpoint(tiny_model_dir, tmp_path / "stage1")
     base = prepare_stage2(stage1, tmp_path / "stage2-base")
@@ -326,7 +327,7 @@ def test_every_artefact_kind_and_a_peft_adapter_evaluate(tiny_model_dir, tmp_pat
     kw = dict(batch_size=8, max_length=256, max_new_tokens=4, dtype="fp32")
     scores = {}
     for path, kind in ((tiny_model_dir, "hf"), (stage1, "stage1-checkpoint"), (base, "stage2-base"), (stage2, "stage2-checkpoint")):
-        assert describe(path) == kind
+        assert artefact_kind(path) == kind
         report = ev.run_eval(str(path), [str(exam), str(small_data[1])], **kw)
         exam_result, conv_result = report["files"]
         assert report["artefact"] == kind and exam_result["records"] == 4

@@ -18,7 +18,8 @@ LIMIT = 8
 
 
 def test_lm_eval_scores_the_exported_model_on_the_local_task(tiny_model_dir, tmp_path):
-    from medcare_dist.artefacts.convert import export_merged, prepare_stage2
+    from medcare_dist.artefacts.export import export_merged
+    from medcare_dist.artefacts.stage2_base import prepare_stage2
 
     base = prepare_stage2(write_stage1_checkpoint(tiny_model_dir, tmp_path / "stage1"), tmp_path / "stage2-base")
     final = export_merged(write_stage2_checkpoint(base, tmp_path / "stage2"), tmp_path / "final-hf", dtype="fp32",

@@ -3,7 +3,9 @@
 import torch
 
 from medcare_dist.config import TrainConfig
-from medcare_dist.training.base_model import enable_activation_checkpointing, linear_targets, load_frozen_base
+from medcare_dist.adapters.adapter_set import linear_targets
+from medcare_dist.artefacts.hf_model import load_frozen_base
+from medcare_dist.training.zero3 import enable_activation_checkpointing
 from medcare_dist.method.stage1 import stage1_adapters
 from medcare_dist.training.lm_loss import causal_lm_loss_sum
 

@@ -11,8 +11,10 @@ import torch
 from medcare_dist.training import metrics as reporting
 from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.config import ConfigError
-from medcare_dist.training.metrics import COLLAPSE_MIN_SHARE, COLLAPSE_WINDOW, MetricsReporter
-from medcare_dist.method.stage1 import CollapseDetector, MoLoRA
+from medcare_dist.method.molora import MoLoRA, Routing
+from medcare_dist.method.router_health import COLLAPSE_MIN_SHARE, COLLAPSE_WINDOW, CollapseDetector
+from medcare_dist.method.objective import Objective
+from medcare_dist.training.metrics import MetricsReporter
 
 TARGETS = [f"model.layers.{layer}.mlp.{proj}" for layer in range(2) for proj in ("gate_proj", "up_proj", "down_proj")]
 
@@ -82,39 +84,45 @@ def _router_objective(num_experts=4, top_k=2):
     return RouterObjective(adapters)
 
 
-def test_router_metrics_record_and_warn_once_on_collapse(capsys):
+def _route(objective, counts: dict[str, list[int]]):
+    """Each layer routes tokens so that expert e gets counts[e] assignments (a forward, as seen
+    by the objective), then one log interval's metrics (one rank: the sum is the identity)."""
+    for target, layer in objective.layers:
+        experts = torch.repeat_interleave(torch.arange(len(counts[target])), torch.tensor(counts[target]))
+        top_idx = experts.reshape(-1, layer.top_k)
+        layer.last_routing = Routing(probs=torch.full((len(top_idx), layer.num_experts), 1 / layer.num_experts), top_idx=top_idx)
+    objective.batch_losses(torch.ones(len(top_idx), dtype=torch.bool))
+    return objective.metrics(lambda values: values)
+
+
+def test_router_metrics_record_and_warn_once_on_collapse():
     objective = _router_objective()
     records = []
+    notices = []
     for interval in range(5):
-        objective._counts[TARGETS[0]] += torch.tensor([500.0, 300.0, 198.0, 2.0])  # expert 3: 0.2% of assignments
-        objective._counts[TARGETS[1]] += torch.tensor([250.0, 250.0, 250.0, 250.0])
-        records.append(objective.metrics())
-        assert all(float(c.sum()) == 0 for c in objective._counts.values())  # a fresh window each interval
+        # expert 3: 0.2% of assignments; each interval a fresh window (the same load again)
+        records.append(_route(objective, {TARGETS[0]: [500, 300, 198, 2], TARGETS[1]: [250, 250, 250, 250]}))
+        notices += objective.notices()
     assert records[0]["router_load"][TARGETS[0]] == [0.5, 0.3, 0.198, 0.002] and records[0]["router_top_k"] == 2
     assert ["router_collapse" in r for r in records] == [False, False, True, True, True]
     assert records[2]["router_collapse"] == {TARGETS[0]: [3]}
-    err = capsys.readouterr().err
-    assert err.count("router collapse") == 1 and f"{TARGETS[0]}: expert(s) 3 (load 0.0020)" in err
+    assert len(notices) == 1 and "router collapse" in notices[0] and f"{TARGETS[0]}: expert(s) 3 (load 0.0020)" in notices[0]
 
     balanced = _router_objective()
     for _ in range(5):
-        for t in TARGETS[:2]:
-            balanced._counts[t] += torch.tensor([260.0, 240.0, 255.0, 245.0])
-        assert "router_collapse" not in balanced.metrics()
-    assert "router collapse" not in capsys.readouterr().err
+        assert "router_collapse" not in _route(balanced, {t: [260, 240, 255, 245] for t in TARGETS[:2]})
+        assert balanced.notices() == []
 
 
 def test_collapse_threshold_is_a_share_of_tokens_not_of_assignments():
     # 0.6% of the assignments with top-2 routing is 1.2% of the tokens: not collapsed
     objective = _router_objective(top_k=2)
     for _ in range(4):
-        objective._counts[TARGETS[0]] += torch.tensor([500.0, 300.0, 194.0, 6.0])
-        assert "router_collapse" not in objective.metrics()
+        assert "router_collapse" not in _route(objective, {t: [500, 300, 194, 6] for t in TARGETS[:2]})
     # the same load with top-1 routing is 0.6% of the tokens: collapsed after the window
     objective = _router_objective(top_k=1)
     for _ in range(3):
-        objective._counts[TARGETS[0]] += torch.tensor([500.0, 300.0, 194.0, 6.0])
-        got = objective.metrics().get("router_collapse")
+        got = _route(objective, {TARGETS[0]: [500, 300, 194, 6], TARGETS[1]: [250, 250, 250, 250]}).get("router_collapse")
     assert got == {TARGETS[0]: [3]}
 
 
@@ -155,8 +163,8 @@ def test_trainer_log_metrics_goes_through_the_sinks_on_rank_0_only(tmp_path):
 
     lines = []
     main = SimpleNamespace(world=SimpleNamespace(is_main=True), reporter=MetricsReporter(tmp_path / "r0", ["tensorboard"]),
-                           log=lines.append, num_steps=10)
-    other = SimpleNamespace(world=SimpleNamespace(is_main=False),
+                           log=lines.append, num_steps=10, objective=Objective())
+    other = SimpleNamespace(world=SimpleNamespace(is_main=False), objective=Objective(),
                             reporter=MetricsReporter(tmp_path / "r1", ["tensorboard"], enabled=False), log=lines.append, num_steps=10)
     for rec in stage2_records(3):
         Trainer._log_metrics(main, rec)

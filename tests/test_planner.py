@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medcare_dist.cli import add_plan_parser
+from medcare_dist.resources import read_ds_config
 from medcare_dist.tools.planner import (
     BUILTIN,
     GiB,
@@ -25,7 +26,6 @@ from medcare_dist.tools.planner import (
     plan,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 SHAPES = list(BUILTIN.values())
 
 
@@ -67,29 +67,22 @@ def test_base_counts_equal_the_hf_model_and_deepspeeds_largest_layer(shape):
     assert counts["largest_module"] == model_to_params(model)[1]
 
 
-def test_adapter_counts_equal_the_adapters_the_recipes_build(tmp_path):
-    from safetensors.torch import save_file
-
-    from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE
+def test_adapter_counts_equal_the_adapters_the_recipes_build():
     from medcare_dist.config import TrainConfig
-    from medcare_dist.method.stage1 import stage1_adapters
-    from medcare_dist.method.stage2 import stage2_adapters
+    from medcare_dist.method.stage1 import split_for_stage2, stage1_adapters
+    from medcare_dist.method.stage2 import Knowledge, stage2_adapters
 
     model = small_qwen2(SMALL)
     cfg = TrainConfig()
     s1 = stage1_adapters(model, cfg)
     assert sum(p.numel() for p in s1.parameters()) == AdapterLayout(stage=1).counts(SMALL)["total"]
 
-    # a stage-2 base dir as prepare-stage2 writes it, reduced to what stage2_adapters reads
-    rank = cfg.lora_r * cfg.num_shared
-    (tmp_path / "manifest.json").write_text(json.dumps({"knowledge": {"rank": rank, "scale": 2.0}}))
-    save_file(
-        {f"{t}.{n}": w.detach().contiguous() for _, t, a in s1.items("molora") for n, w in zip(["lora_A", "lora_B"], a.knowledge_lora())},
-        str(tmp_path / KNOWLEDGE_FILE),
-    )
+    # stage 2 starts from the Knowledge Aggregator that prepare-stage2 keeps
+    _, kept = split_for_stage2(s1.flat_state_dict())
+    knowledge = Knowledge(pairs=kept, rank=cfg.lora_r * cfg.num_shared, scale=2.0)
     for freeze, align in [(False, False), (True, False), (False, True)]:
-        cfg2 = TrainConfig(stage=2, model=str(tmp_path), freeze_knowledge=freeze, align_attention=align)
-        s2 = stage2_adapters(model, cfg2)
+        cfg2 = TrainConfig(stage=2, freeze_knowledge=freeze, align_attention=align)
+        s2 = stage2_adapters(model, cfg2, knowledge)
         want = AdapterLayout(stage=2, freeze_knowledge=freeze, align_attention=align).counts(SMALL)
         assert sum(p.numel() for p in s2.parameters() if p.requires_grad) == want["trainable"]
         assert sum(p.numel() for p in s2.parameters()) == want["total"]
@@ -256,8 +249,7 @@ def test_cli_parser_prints_the_breakdown_and_json(capsys):
 
 
 def test_offload_config_is_zero3_plus_param_offload_only():
-    zero3 = json.loads((REPO / ZERO3).read_text())
-    offload = json.loads((REPO / ZERO3_OFFLOAD).read_text())
+    zero3, offload = read_ds_config(ZERO3), read_ds_config(ZERO3_OFFLOAD)
     z, zo = zero3["zero_optimization"], offload["zero_optimization"]
     assert {k: v for k, v in offload.items() if k != "zero_optimization"} == {k: v for k, v in zero3.items() if k != "zero_optimization"}
     assert {k: v for k, v in zo.items() if k != "offload_param"} == z

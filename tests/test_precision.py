@@ -10,7 +10,7 @@ from medcare_dist.config import TrainConfig
 from medcare_dist.data.batching import collate
 from medcare_dist.data.dataset import build_dataset
 from medcare_dist.training.lm_loss import model_lm_loss_sum
-from medcare_dist.training.base_model import load_frozen_base
+from medcare_dist.artefacts.hf_model import load_frozen_base
 from medcare_dist.method.stage1 import stage1_adapters
 
 STEPS = 8

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, SAMPLE, write_stage1_checkpoint, write_stage2_checkpoint
+from medcare_dist import files
 from medcare_dist.artefacts import manifest as artefacts
 from medcare_dist.artefacts.manifest import base_fingerprint
 from medcare_dist.artefacts.checkpoint import (
@@ -77,7 +78,7 @@ def test_a_fresh_run_into_a_used_dir_is_refused_before_any_model_load(tiny_model
 
 
 def _save(out, step, keep_last):
-    return save_checkpoint(out, TrainState(step=step), {"w": torch.full((2,), float(step))}, {}, {}, {}, {"stage": 1},
+    return save_checkpoint(out, TrainState(step=step), {"w": torch.full((2,), float(step))}, {}, {}, {"stage": 1},
                            keep_last=keep_last)
 
 
@@ -164,7 +165,8 @@ def test_resume_from_an_explicit_corrupt_checkpoint_is_a_one_line_error(tiny_mod
 def test_a_changed_base_at_the_same_path_is_refused_by_every_later_step(tiny_model_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from medcare_dist.artefacts.convert import export_merged, prepare_stage2
+    from medcare_dist.artefacts.export import export_merged
+    from medcare_dist.artefacts.stage2_base import prepare_stage2
     from medcare_dist.artefacts.loading import load_trained_model
 
     base = tmp_path / "base"
@@ -199,12 +201,12 @@ def test_a_changed_base_at_the_same_path_is_refused_by_every_later_step(tiny_mod
 
 def test_the_base_fingerprint_streams_each_file_once_and_caches_it_elsewhere_for_a_read_only_dir(tiny_model_dir, tmp_path, monkeypatch):
     base = tmp_path / "base"
-    shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns(artefacts.DIGEST_CACHE))
+    shutil.copytree(tiny_model_dir, base, ignore=shutil.ignore_patterns(files.DIGEST_CACHE))
     reads = []
-    real = artefacts.stream_sha256
-    monkeypatch.setattr(artefacts, "stream_sha256", lambda path: reads.append(path.name) or real(path))
+    real = files.stream_sha256
+    monkeypatch.setattr(files, "stream_sha256", lambda path: reads.append(path.name) or real(path))
     first = base_fingerprint(base)
-    assert reads == ["model.safetensors"] and (base / artefacts.DIGEST_CACHE).is_file()
+    assert reads == ["model.safetensors"] and (base / files.DIGEST_CACHE).is_file()
     assert base_fingerprint(base) == first and reads == ["model.safetensors"]  # cached: no second read
     weights = load_file(str(base / "model.safetensors"))
     weights[sorted(weights)[0]].view(-1)[0] += 1.0
@@ -215,8 +217,8 @@ def test_the_base_fingerprint_streams_each_file_once_and_caches_it_elsewhere_for
     # a dir where the cache cannot be written (a directory in its way stands in for a read-only
     # mount, which root would ignore): the cache goes under XDG_CACHE_HOME
     ro = tmp_path / "read-only"
-    shutil.copytree(tiny_model_dir, ro, ignore=shutil.ignore_patterns(artefacts.DIGEST_CACHE))
-    (ro / artefacts.DIGEST_CACHE).mkdir()
+    shutil.copytree(tiny_model_dir, ro, ignore=shutil.ignore_patterns(files.DIGEST_CACHE))
+    (ro / files.DIGEST_CACHE).mkdir()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
     reads.clear()
     assert base_fingerprint(ro) == base_fingerprint(ro) and reads == ["model.safetensors"]
@@ -276,7 +278,7 @@ def test_ranks_that_see_different_checkpoints_refuse_to_resume(tmp_path):
 # --- fp16 -------------------------------------------------------------------------------------
 
 def _fp16_setup(tiny_model_dir):
-    from medcare_dist.training.base_model import load_frozen_base
+    from medcare_dist.artefacts.hf_model import load_frozen_base
     from medcare_dist.method.stage1 import stage1_adapters
 
     cfg = TrainConfig(model=str(tiny_model_dir), data=["-"], num_experts=2, top_k=2, lora_r=4, lora_dropout=0.0, dtype="fp16",
@@ -292,7 +294,7 @@ def _fp16_setup(tiny_model_dir):
 
 
 def _with_adapters(cfg, adapters, dtype):
-    from medcare_dist.training.base_model import load_frozen_base
+    from medcare_dist.artefacts.hf_model import load_frozen_base
 
     model = load_frozen_base(cfg.model, None, dtype)
     adapters.attach(model)
@@ -303,10 +305,9 @@ def _backward(model, adapters, ids, scaler):
     """One micro-batch as the trainer does it: summed token loss over the token count of a
     global batch of 128 x 1024 tokens (this micro-batch is a small piece of it)."""
     from medcare_dist.training.lm_loss import causal_lm_loss_sum
-    from medcare_dist.training.base_model import trainable_parameters
 
     scaler.scale(causal_lm_loss_sum(model(input_ids=ids).logits, ids) / (128 * 1024)).backward()
-    return trainable_parameters(adapters)
+    return adapters.trainable_parameters()
 
 
 def test_fp16_gradients_match_fp32_with_dynamic_loss_scaling(tiny_model_dir):
@@ -333,7 +334,6 @@ def test_fp16_gradients_match_fp32_with_dynamic_loss_scaling(tiny_model_dir):
 
 
 def test_fp16_overflow_skips_the_step_halves_the_scale_and_grows_back(tiny_model_dir, tmp_path):
-    from medcare_dist.training.base_model import trainable_parameters
 
     cfg, adapters, ids = _fp16_setup(tiny_model_dir)
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
@@ -341,7 +341,7 @@ def test_fp16_overflow_skips_the_step_halves_the_scale_and_grows_back(tiny_model
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     scaler = grad_scaler(TrainConfig(**{**cfg.to_dict(), "ds_config": str(tmp_path / "ds.json")}), torch.device("cpu"))
     model = _with_adapters(cfg, adapters, torch.float16)
-    optimizer = torch.optim.AdamW(trainable_parameters(adapters), lr=1e-3)
+    optimizer = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-3)
     history = []
     for _ in range(7):  # 2**33, 2**32, 2**31 overflow; 2**30 twice, then 2**31 again
         before = [p.detach().clone() for p in adapters.parameters()]

@@ -112,7 +112,7 @@ def test_resume_two_ranks_to_one_then_one_to_two_matches_the_uninterrupted_run(u
 
 def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_path, monkeypatch):
     def save(step):
-        return save_checkpoint(tmp_path, TrainState(step=step), {"w": torch.full((3,), float(step))}, {"s": step}, {}, {}, {"stage": 1})
+        return save_checkpoint(tmp_path, TrainState(step=step), {"w": torch.full((3,), float(step))}, {"s": step}, {}, {"stage": 1})
 
     save(1)
 

@@ -9,12 +9,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import write_stage1_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
-from medcare_dist.training.base_model import load_frozen_base
+from medcare_dist.artefacts.hf_model import load_frozen_base
 from medcare_dist.training.lm_loss import orthogonal_penalty
 from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE, read_manifest, record_files, write_manifest
-from medcare_dist.artefacts.convert import prepare_stage2
+from medcare_dist.artefacts.stage2_base import prepare_stage2
 from medcare_dist.method.stage1 import stage1_adapters
-from medcare_dist.method.stage2 import check_stage2_base, stage2_adapters
+from medcare_dist.artefacts.stage2_base import adapters_on_stage2_base, check_stage2_base
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_prepared_base_is_plain_hf_and_equals_stage1_with_attention_lora_only(ti
 def test_stage2_adapters_start_from_knowledge_and_a_zero_alignment_delta(stage2_base):
     cfg = TrainConfig(stage=2, model=str(stage2_base), data=["x"], freeze_knowledge=True)
     model = load_frozen_base(str(stage2_base), None, torch.float32)
-    adapters = stage2_adapters(model, cfg)
+    adapters = adapters_on_stage2_base(model, cfg)
     know = {t: a for _, t, a in adapters.items("knowledge")}
     align = {t: a for _, t, a in adapters.items("alignment")}
     assert know.keys() == align.keys() and len(know) == 6

@@ -15,10 +15,10 @@ from conftest import SAMPLE, run_launcher, write_stage1_checkpoint
 from medcare_dist.config import TrainConfig
 from medcare_dist.data.batching import collate
 from medcare_dist.data.dataset import build_dataset
-from medcare_dist.training.base_model import load_frozen_base
+from medcare_dist.artefacts.hf_model import load_frozen_base
 from medcare_dist.training.lm_loss import causal_lm_loss_sum, orthogonal_penalty
-from medcare_dist.artefacts.convert import prepare_stage2
-from medcare_dist.method.stage2 import stage2_adapters
+from medcare_dist.artefacts.stage2_base import prepare_stage2
+from medcare_dist.artefacts.stage2_base import adapters_on_stage2_base
 
 pytestmark = pytest.mark.distributed
 
@@ -72,7 +72,7 @@ def single_process_gradients(stage2_base, initial, global_batches):
 
     cfg = TrainConfig(stage=2, model=str(stage2_base), data=["x"], lora_dropout=0.0)
     model = load_frozen_base(str(stage2_base), None, torch.float32)
-    adapters = stage2_adapters(model, cfg)
+    adapters = adapters_on_stage2_base(model, cfg)
     with torch.no_grad():
         for name, p in adapters.named_parameters():
             p.copy_(initial[name])

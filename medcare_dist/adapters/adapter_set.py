@@ -23,8 +23,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from medcare_dist.artefacts.manifest import adapter_group, adapter_tensor_name
-from medcare_dist.errors import AdapterLayoutError, CheckpointError
+from medcare_dist.errors import AdapterLayoutError, CheckpointError, ConfigError
 
 _SEP = ":"  # nn.ModuleDict keys may not contain "."; module paths do.
 
@@ -50,11 +49,11 @@ class AdapterSet(nn.Module):
                 for key, adapter in members.items():
                     yield name, key.replace(_SEP, "."), adapter
 
-    def group_names(self) -> list[str]:
-        return list(self.groups.keys())
-
     def drop_group(self, group: str) -> None:
         del self.groups[group]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     def targets(self) -> dict[str, list[nn.Module]]:
         by_target: dict[str, list[nn.Module]] = {}
@@ -127,6 +126,38 @@ class AdapterSet(nn.Module):
         for name, tensor in self.flat_state_dict().items():
             out.setdefault(adapter_group(name), {})[name] = list(tensor.shape)
         return out
+
+
+def linear_targets(model: nn.Module, leaf_names: list[str]) -> list[tuple[str, nn.Linear]]:
+    """Every nn.Linear whose last path component is in `leaf_names`, in model order."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in leaf_names]
+    if leaf_names and not found:
+        raise ConfigError(f"no Linear layer named any of {leaf_names} in {type(model).__name__}")
+    return found
+
+
+# --- flat tensor names: "{group}.{target}.{param}", the layout of every adapter file -------------
+
+def adapter_tensor_name(group: str | None, target: str, param: str) -> str:
+    """"{group}.{target}.{param}" (a checkpoint), "{target}.{param}" when group is None (a
+    stage-2 base's knowledge adapter)."""
+    return f"{group}.{target}.{param}" if group else f"{target}.{param}"
+
+
+def adapter_group(name: str) -> str:
+    """The group of a checkpoint's adapter tensor name."""
+    return name.split(".", 1)[0]
+
+
+def lora_pairs(tensors: dict[str, torch.Tensor], group: str, a_name: str, b_name: str) -> dict[str, tuple]:
+    """{target: (A, B)} for one adapter group of flat tensors, A and B named by the adapter
+    class that owns them (`LoRA.PAIR`, `MoLoRA.KNOWLEDGE_PAIR`)."""
+    prefix, suffix = f"{group}.", f".{a_name}"
+    return {
+        name[len(prefix):-len(suffix)]: (t, tensors[name[: -len(suffix)] + f".{b_name}"])
+        for name, t in tensors.items()
+        if name.startswith(prefix) and name.endswith(suffix)
+    }
 
 
 def adapter_compute_dtype(name: str, base_dtype: torch.dtype) -> torch.dtype:

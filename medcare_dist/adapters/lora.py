@@ -30,8 +30,15 @@ def init_lora_a(weight: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
+def merge_delta(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """weight += scale * B @ A, in place, in weight's dtype (callers merge in fp32)."""
+    return weight.addmm_(b.to(weight.dtype), a.to(weight.dtype), alpha=scale)
+
+
 class LoRA(nn.Module):
     """One low-rank delta: scale * B(A(dropout(x)))."""
+
+    PAIR = ("lora_A", "lora_B")  # its parameter names: (A, B)
 
     def __init__(self, d_in: int, d_out: int, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
@@ -50,4 +57,16 @@ class LoRA(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The [d_out, d_in] matrix this adapter adds to the base weight."""
-        return (self.lora_B @ self.lora_A) * self.scale
+        return merge_delta(torch.zeros_like(self.lora_B @ self.lora_A), self.lora_A, self.lora_B, self.scale)
+
+    def load_pair(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.lora_A.copy_(a)
+            self.lora_B.copy_(b)
+
+    @classmethod
+    def pairs(cls, tensors: dict[str, torch.Tensor], group: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{target: (A, B)} of one group of LoRAs in flat adapter tensors (AdapterSet.flat_state_dict)."""
+        from medcare_dist.adapters.adapter_set import lora_pairs
+
+        return lora_pairs(tensors, group, *cls.PAIR)

@@ -4,16 +4,15 @@
       checkpoint-STEP/
         adapters.safetensors   every adapter tensor, full (not sharded), fp32
         optimizer.pt           AdamW state (tensors only; loaded with weights_only=True)
-        scheduler.pt           LR scheduler state (for reading: a resume rebuilds the schedule from config and step)
         trainer_state.json     step, data position, world size at save, fp16 loss-scale state
         config.json            the resolved training config
-        manifest.json          stage, base model path + fingerprint, adapter layout, versions, save order,
+        manifest.json          format id and version, stage, base model path + fingerprint, adapter layout, versions, save order,
                                size and sha256 of every other file (checked before any load)
       latest                   name of the newest complete checkpoint
-      metrics.jsonl            one record per logged step (reporting.py)
+      metrics.jsonl            one record per logged step (training/metrics.py)
 
 The frozen base is never written: the manifest names it by path and fingerprint (the
-formats, fingerprints and digests: artefacts.py). Every rank
+formats, fingerprints and digests: manifest.py). Every rank
 holds the full adapters and identical optimizer state, so rank 0 writes and any number of
 ranks can read. A checkpoint is written under a temporary name and renamed when complete,
 and `latest` is replaced atomically after that, so a crash mid-save leaves the previous
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medcare_dist.artefacts.manifest import ADAPTERS_FILE, CONFIG_FILE, MANIFEST_FILE, read_manifest, record_files, verify_files, write_manifest
+from medcare_dist.artefacts.manifest import ADAPTERS_FILE, checkpoint_kind, new_manifest, CONFIG_FILE, MANIFEST_FILE, read_manifest, record_files, verify_files, write_manifest
 from medcare_dist.errors import CheckpointError, OutputExistsError
 
 LATEST_FILE = "latest"
@@ -101,7 +100,6 @@ def save_checkpoint(
     state: TrainState,
     adapter_tensors: dict[str, torch.Tensor],
     optimizer_state: dict,
-    scheduler_state: dict,
     config: dict,
     manifest: dict,
     keep_last: int = 0,
@@ -115,10 +113,9 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     save_file({k: v.detach().float().cpu().contiguous() for k, v in adapter_tensors.items()}, str(tmp / ADAPTERS_FILE))
     torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(scheduler_state, tmp / "scheduler.pt")
     _write_json(tmp / "trainer_state.json", asdict(state))
     _write_json(tmp / CONFIG_FILE, config)
-    write_manifest(tmp, {**manifest, "step": state.step, "save_order": save_order, "files": record_files(tmp),
+    write_manifest(tmp, {**new_manifest(checkpoint_kind(manifest["stage"]), manifest), "step": state.step, "save_order": save_order, "files": record_files(tmp),
                          "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -1,63 +1,97 @@
-"""The pipeline's on-disk formats, in one place: the only reader and writer of manifests.
+"""The pipeline's artefact manifests: the one reader and writer of manifest.json.
 
 Artefacts flow one way: stage-1 checkpoint -> stage-2 base (HF) + knowledge adapter ->
-stage-2 checkpoint -> final HF model. Each is a directory, recognised by `describe`:
+stage-2 checkpoint -> final HF model. Each is a directory; its kind (`artefact_kind`):
 
-    "hf"                 no manifest.json: a Hugging Face model dir (or the export's output)
-    "stage1-checkpoint"  manifest.json with "stage": 1, and adapters.safetensors
-    "stage2-base"        manifest.json with "kind": STAGE2_KIND, and knowledge_adapter.safetensors
-    "stage2-checkpoint"  manifest.json with "stage": 2, and adapters.safetensors
+    HF_MODEL           no manifest.json: a Hugging Face model dir (or the export's output)
+    STAGE1_CHECKPOINT  format "medcare_dist/stage1-checkpoint", with adapters.safetensors (checkpoint.py)
+    STAGE2_BASE        format "medcare_dist/stage2-base", with knowledge_adapter.safetensors (stage2_base.py)
+    STAGE2_CHECKPOINT  format "medcare_dist/stage2-checkpoint", with adapters.safetensors
 
-A checkpoint's other files are described in checkpoint.py, a stage-2 base's in convert.py.
-Adapter tensors are named "{group}.{target}.{param}" in a checkpoint (group: attn_lora,
-molora, knowledge, alignment; target: the dotted path of the base Linear; param: lora_A,
-lora_B, ka_A, ...) and "{target}.{param}" in a stage-2 base's knowledge adapter.
+Every manifest carries "format" (the kind's id) and "format_version" (FORMAT_VERSION when
+written). Manifests written before format ids (medcare_dist 0.1.0 up to December 2026) are
+recognised by their fields, as they were then ("kind": "medcare_dist/stage2-base", or "stage":
+1 or 2 beside adapters.safetensors), and read as format_version 0: `read_manifest` returns
+every manifest with both fields, so no caller looks at which fields happen to exist.
+Adapter tensor names are the adapters' own (adapters/adapter_set.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from medcare_dist.config import TrainConfig
-from medcare_dist.errors import CheckpointError, InputNotFoundError, OutputExistsError
+from medcare_dist.errors import CheckpointError, InputNotFoundError
+from medcare_dist.files import DIGEST_CACHE, file_sha256, stream_sha256
 from medcare_dist.artefacts.hub import ModelSource, locate, resolve_model
 
 ADAPTERS_FILE = "adapters.safetensors"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"  # a checkpoint's resolved training config
 KNOWLEDGE_FILE = "knowledge_adapter.safetensors"
-STAGE2_KIND = "medcare_dist/stage2-base"
+
+HF_MODEL = "hf"
+STAGE1_CHECKPOINT = "stage1-checkpoint"
+STAGE2_BASE = "stage2-base"
+STAGE2_CHECKPOINT = "stage2-checkpoint"
+FORMAT_VERSION = 1
+_FORMAT_PREFIX = "medcare_dist/"
+_LEGACY_STAGE2_KIND = "medcare_dist/stage2-base"  # the "kind" field of a version-0 stage-2 base
 
 
-# --- manifests ---------------------------------------------------------------------------
+def checkpoint_kind(stage: int) -> str:
+    return {1: STAGE1_CHECKPOINT, 2: STAGE2_CHECKPOINT}[stage]
+
+
+def new_manifest(kind: str, fields: dict) -> dict:
+    """A manifest of `kind` at the current format version (format fields first)."""
+    return {"format": _FORMAT_PREFIX + kind, "format_version": FORMAT_VERSION, **fields}
+
 
 def read_manifest(path: str | Path) -> dict:
-    f = Path(path) / MANIFEST_FILE
+    """The manifest of an artefact dir, with "format" and "format_version" always set."""
+    root = Path(path)
+    f = root / MANIFEST_FILE
     if not f.exists():
         raise CheckpointError(f"{path}: no {MANIFEST_FILE}; not a medcare_dist artefact")
-    return json.loads(f.read_text())
+    try:
+        manifest = json.loads(f.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{f}: not valid JSON ({err}); the artefact is damaged") from None
+    if "format" in manifest:
+        kind, version = manifest["format"].removeprefix(_FORMAT_PREFIX), manifest.get("format_version")
+        if kind not in (STAGE1_CHECKPOINT, STAGE2_BASE, STAGE2_CHECKPOINT) or not isinstance(version, int):
+            raise CheckpointError(f"{f}: unknown format {manifest['format']!r} version {version!r}")
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{f}: format version {version} is newer than this medcare_dist reads "
+                                  f"({FORMAT_VERSION}): upgrade medcare_dist")
+        return manifest
+    if manifest.get("kind") == _LEGACY_STAGE2_KIND:
+        kind = STAGE2_BASE
+    elif manifest.get("stage") in (1, 2) and (root / ADAPTERS_FILE).exists():
+        kind = checkpoint_kind(manifest["stage"])
+    else:
+        raise CheckpointError(f"{root}: unrecognised manifest (neither a checkpoint nor a stage-2 base)")
+    return {"format": _FORMAT_PREFIX + kind, "format_version": 0, **manifest}
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:
     (Path(out_dir) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def describe(path: str | Path) -> str:
-    """"hf", "stage2-base", "stage1-checkpoint" or "stage2-checkpoint"."""
-    root = Path(path)
-    if not (root / MANIFEST_FILE).exists():
-        return "hf"
-    manifest = read_manifest(root)
-    if manifest.get("kind") == STAGE2_KIND:
-        return "stage2-base"
-    if manifest.get("stage") in (1, 2) and (root / ADAPTERS_FILE).exists():
-        return f"stage{manifest['stage']}-checkpoint"
-    raise CheckpointError(f"{root}: unrecognised manifest (neither a checkpoint nor a stage-2 base)")
+def manifest_kind(manifest: dict) -> str:
+    return manifest["format"].removeprefix(_FORMAT_PREFIX)
+
+
+def artefact_kind(path: str | Path) -> str:
+    """HF_MODEL, STAGE1_CHECKPOINT, STAGE2_BASE or STAGE2_CHECKPOINT."""
+    if not (Path(path) / MANIFEST_FILE).exists():
+        return HF_MODEL
+    return manifest_kind(read_manifest(path))
 
 
 def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
@@ -126,68 +160,15 @@ def verify_artefact(path: str | Path) -> dict:
     was written with; for a checkpoint, that its base is unchanged (check_base). Returns its
     manifest."""
     manifest = verify_files(path)
-    kind = describe(path)
-    if kind == "stage2-base" and recorded_scheme_fingerprint(path, manifest) != manifest["base_fingerprint"]:
+    kind = manifest_kind(manifest)
+    if kind == STAGE2_BASE and recorded_scheme_fingerprint(path, manifest) != manifest["base_fingerprint"]:
         raise CheckpointError(f"{path}: the weights or config changed after prepare-stage2 (fingerprint mismatch)")
-    if kind in ("stage1-checkpoint", "stage2-checkpoint"):
+    if kind in (STAGE1_CHECKPOINT, STAGE2_CHECKPOINT):
         check_base(manifest, path)
     return manifest
 
 
 # --- file digests: what a manifest records of its artefact's files ----------------------------
-
-DIGEST_CACHE = ".medcare_digests.json"  # beside the files it describes: {name: {size, mtime_ns, sha256}}
-
-
-def _cache_paths(directory: Path) -> list[Path]:
-    """Where a dir's digest cache lives: beside the files, else (read-only dir) under the
-    user's cache dir, named after the dir's absolute path."""
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medcare_dist" / "digests"
-    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:16]
-    return [directory / DIGEST_CACHE, user / f"{key}.json"]
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, streamed; cached per dir, keyed by (size, mtime_ns): an unchanged
-    file is not read again, a rewritten one is."""
-    path = Path(path)
-    st = path.stat()
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    places = _cache_paths(path.parent)
-    for place in places:
-        entry = _read_cache(place).get(path.name)
-        if entry and {k: entry.get(k) for k in key} == key:
-            return entry["sha256"]
-    digest = stream_sha256(path)
-    for place in places:
-        cache = _read_cache(place)
-        cache[path.name] = {**key, "sha256": digest}
-        tmp = place.with_name(f"{place.name}.{os.getpid()}.tmp")
-        try:
-            place.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
-            os.replace(tmp, place)
-            break
-        except OSError:  # read-only: the next place
-            tmp.unlink(missing_ok=True)
-    return digest
-
-
-def stream_sha256(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks (never whole into memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def record_files(directory: str | Path, cache: bool = False) -> dict[str, dict]:
     """{name: {"size", "sha256"}} of every file of an artefact dir (not the manifest or the
@@ -205,7 +186,7 @@ def verify_files(directory: str | Path, manifest: dict | None = None) -> dict:
     "files" and pass unchecked."""
     root = Path(directory)
     manifest = read_manifest(root) if manifest is None else manifest
-    big = manifest.get("kind") == STAGE2_KIND  # weights: through the digest cache
+    big = manifest_kind(manifest) == STAGE2_BASE  # weights: through the digest cache
     for name, want in sorted(manifest.get("files", {}).items()):
         f = root / name
         if not f.is_file():
@@ -253,45 +234,3 @@ def versions() -> dict[str, str]:
     from medcare_dist import __version__
 
     return {"medcare_dist": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
-
-
-# --- adapter tensor names --------------------------------------------------------------------
-
-def adapter_tensor_name(group: str | None, target: str, param: str) -> str:
-    """"{group}.{target}.{param}" (a checkpoint), "{target}.{param}" when group is None (a
-    stage-2 base's knowledge adapter)."""
-    return f"{group}.{target}.{param}" if group else f"{target}.{param}"
-
-
-def adapter_group(name: str) -> str:
-    """The group of a checkpoint's adapter tensor name."""
-    return name.split(".", 1)[0]
-
-
-def lora_pairs(tensors: dict[str, torch.Tensor], group: str, a_name: str = "lora_A", b_name: str = "lora_B") -> dict[str, tuple]:
-    """{target: (A, B)} for one adapter group of a checkpoint's flat tensors (a MoLoRA's
-    Knowledge Aggregator: a_name="ka_A", b_name="ka_B")."""
-    prefix, suffix = f"{group}.", f".{a_name}"
-    return {
-        name[len(prefix):-len(suffix)]: (t, tensors[name[: -len(suffix)] + f".{b_name}"])
-        for name, t in tensors.items()
-        if name.startswith(prefix) and name.endswith(suffix)
-    }
-
-
-# --- outputs ---------------------------------------------------------------------------------
-
-def require_output_dir(out_dir: str | Path) -> Path:
-    """An output directory path must be a directory or not exist yet (not a file)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output directory {out} is a file; give a directory path")
-    return out
-
-
-def require_empty_dir(out_dir: str | Path) -> Path:
-    """Outputs are never written over: the directory must be new or empty."""
-    out = require_output_dir(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise OutputExistsError(f"output directory {out} exists and is not empty")
-    return out

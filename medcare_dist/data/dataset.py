@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import datasets
 
-from medcare_dist.artefacts.manifest import require_empty_dir, stream_sha256
+from medcare_dist.files import require_empty_dir, stream_sha256
 from medcare_dist.data.chat import (ChatTemplateError, check_tokenizer, control_token_strings, find_control_token,
                    tokenize_conversation, tokenizer_fingerprint)
 from medcare_dist.errors import InputNotFoundError, MedcareError

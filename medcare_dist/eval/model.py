@@ -12,7 +12,7 @@ import torch
 def check_model_args(model_path: str | None, adapter: str | None) -> tuple[str, str]:
     """(the model dir or hub name to load, its kind) from --model / --adapter; raises before
     any loading when a path is missing or the pair cannot work."""
-    from medcare_dist.artefacts.manifest import describe
+    from medcare_dist.artefacts.manifest import HF_MODEL, STAGE2_BASE, artefact_kind
     from medcare_dist.errors import CheckpointError, ConfigError, InputNotFoundError
 
     if adapter is not None:
@@ -29,8 +29,8 @@ def check_model_args(model_path: str | None, adapter: str | None) -> tuple[str, 
         raise ConfigError("--model is required (or --adapter, whose config names its base)")
     if not Path(model_path).is_dir() and (Path(model_path).exists() or str(model_path).startswith((".", "/"))):
         raise InputNotFoundError(f"model directory not found: {model_path}")
-    kind = describe(model_path)  # "hf" for a hub name
-    if adapter is not None and kind not in ("hf", "stage2-base"):
+    kind = artefact_kind(model_path)  # "hf" for a hub name
+    if adapter is not None and kind not in (HF_MODEL, STAGE2_BASE):
         raise ConfigError(f"--adapter goes on a plain Hugging Face base; --model {model_path} is a {kind}")
     return str(model_path), kind
 

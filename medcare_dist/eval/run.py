@@ -260,7 +260,7 @@ def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str
     rank 0, None elsewhere."""
     from medcare_dist.dist import process_group as dist_utils
     from medcare_dist.eval.model import check_model_args, load_eval_model
-    from medcare_dist.training.base_model import resolve_dtype
+    from medcare_dist.artefacts.hf_model import resolve_dtype
 
     s = EvalSettings(**settings)
     bad = [m for m in s.methods if m not in METHODS]
@@ -271,7 +271,7 @@ def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str
     if s.max_new_tokens == 0:  # nothing to generate: the scoring methods only
         s.methods = tuple(m for m in s.methods if m in ("loglik", "cloze")) or ("loglik",)
     if not data:
-        from medcare_dist.tools.tiny import SAMPLE_DIR
+        from medcare_dist.resources import SAMPLE_DIR
 
         if not (SAMPLE_DIR / "exam.jsonl").is_file():
             raise ConfigError("no --data given (and the sample exam of a source checkout is not here)")

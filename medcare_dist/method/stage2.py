@@ -1,81 +1,71 @@
-"""Stage 2 of MedCare, clinical alignment: what exists only in stage 2.
+"""Stage 2 of MedCare, clinical alignment: its adapters and its objective.
 
-- `check_stage2_base`: the stage-2 input checks (a complete prepared stage-2 base, made by
-  `medcare-dist prepare-stage2`, convert.py);
-- `stage2_adapters`: the knowledge adapter (from the stage-1 Knowledge Aggregator) and a new
-  alignment adapter on each FFN projection;
-- `OrthogonalObjective`: loss = LM + lambda_1 * sum |A_know @ A_align^T|.
+- `stage2_adapters`: on each FFN projection the knowledge adapter (initialised from the stage-1
+  Knowledge Aggregator, `Knowledge`) and a new alignment adapter of the same rank and scale;
+- `orthogonal_penalty` and `OrthogonalObjective`: loss = LM + lambda_1 * sum |A_know @ A_align^T|.
+
+The penalty is a local autograd expression on this rank's full copy of the adapters (they are
+never ZeRO-partitioned, adapters/adapter_set.py): no collective, exact gradient.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from medcare_dist.adapters.adapter_set import AdapterSet
+from medcare_dist.adapters.adapter_set import AdapterSet, linear_targets
 from medcare_dist.adapters.lora import LoRA
-from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE, adapter_tensor_name, describe, read_manifest, verify_artefact
 from medcare_dist.config import TrainConfig
-from medcare_dist.errors import CheckpointError
-from medcare_dist.artefacts.hf_io import weight_files
-from medcare_dist.training.lm_loss import orthogonal_penalty
-from medcare_dist.training.base_model import linear_targets
-from medcare_dist.training.trainer import Objective
+from medcare_dist.method.objective import Objective
+KNOWLEDGE, ALIGNMENT = "knowledge", "alignment"  # adapter groups of a stage-2 model
 
 
-def check_stage2_base(model_dir: str | Path) -> dict:
-    """Refuse anything that is not a complete prepared stage-2 base, before any heavy work."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise CheckpointError(f"stage-2 base {path} does not exist; make it with `medcare-dist prepare-stage2 --stage1 CKPT --out {path}`")
-    kind = describe(path)
-    if kind == "hf":
-        raise CheckpointError(f"{path} is not a prepared stage-2 base (no manifest.json); make one with `medcare-dist prepare-stage2`")
-    if kind == "stage1-checkpoint":
-        raise CheckpointError(f"{path} is a stage-1 checkpoint, not a stage-2 base: run `medcare-dist prepare-stage2 --stage1 {path} --out DIR` and pass DIR")
-    manifest = read_manifest(path)
-    if kind != "stage2-base":
-        raise CheckpointError(f"{path}: manifest kind {manifest.get('kind') or manifest.get('stage')!r}, expected a prepared stage-2 base")
-    if not (path / KNOWLEDGE_FILE).exists():
-        raise CheckpointError(f"{path}: {KNOWLEDGE_FILE} is missing")
-    verify_artefact(path)  # the digests its manifest records, and the weights' fingerprint
-    files = weight_files(path)
-    with safe_open(str(path / KNOWLEDGE_FILE), framework="pt") as know:
-        for target in manifest["knowledge"]["targets"]:
-            weight = f"{target}.weight"
-            if weight not in files:
-                raise CheckpointError(f"{path}: knowledge adapter targets {target}, which the base does not have")
-            with safe_open(str(files[weight]), framework="pt") as f:
-                d_out, d_in = f.get_slice(weight).get_shape()
-            a = know.get_slice(adapter_tensor_name(None, target, "lora_A")).get_shape()
-            b = know.get_slice(adapter_tensor_name(None, target, "lora_B")).get_shape()
-            if a[1] != d_in or b[0] != d_out:
-                raise CheckpointError(f"{path}: knowledge adapter {target} is {b[0]}x{a[1]}, base weight is {d_out}x{d_in}")
-    return manifest
+@dataclass
+class Knowledge:
+    """The knowledge adapter stage 2 starts from: {target: (A [rank, d_in], B [d_out, rank])}."""
+
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    scale: float
 
 
-def stage2_adapters(model: torch.nn.Module, cfg: TrainConfig) -> AdapterSet:
-    """Knowledge adapter (from the stage-1 KA) + a new alignment adapter of the same rank and
-    scale on each FFN projection; alignment also on attention with `align_attention`."""
-    manifest = read_manifest(cfg.model)
-    rank, scale = manifest["knowledge"]["rank"], manifest["knowledge"]["scale"]
-    knowledge = load_file(str(Path(cfg.model) / KNOWLEDGE_FILE))
+def knowledge_adapters(model: torch.nn.Module, knowledge: Knowledge, dropout: float = 0.0, trainable: bool = True) -> AdapterSet:
+    """The knowledge adapter alone, on the projections it was trained on (model order)."""
     adapters = AdapterSet()
-    ffn = linear_targets(model, cfg.ffn_targets)
-    for path, linear in ffn:
-        know = LoRA(linear.in_features, linear.out_features, rank, scale, cfg.lora_dropout)
-        with torch.no_grad():
-            know.lora_A.copy_(knowledge[adapter_tensor_name(None, path, "lora_A")])
-            know.lora_B.copy_(knowledge[adapter_tensor_name(None, path, "lora_B")])
-        know.requires_grad_(not cfg.freeze_knowledge)
-        adapters.add("knowledge", path, know)
-    align_targets = ffn + (linear_targets(model, cfg.attn_targets) if cfg.align_attention else [])
-    for path, linear in align_targets:
-        adapters.add("alignment", path, LoRA(linear.in_features, linear.out_features, rank, scale, cfg.lora_dropout))
+    for path, linear in ((n, m) for n, m in model.named_modules() if n in knowledge.pairs):
+        know = LoRA(linear.in_features, linear.out_features, knowledge.rank, knowledge.scale, dropout)
+        know.load_pair(*knowledge.pairs[path])
+        know.requires_grad_(trainable)
+        adapters.add(KNOWLEDGE, path, know)
     return adapters
+
+
+def stage2_adapters(model: torch.nn.Module, cfg: TrainConfig, knowledge: Knowledge) -> AdapterSet:
+    """Knowledge adapter + a new alignment adapter of the same rank and scale on each FFN
+    projection; alignment also on attention with `align_attention`."""
+    adapters = knowledge_adapters(model, knowledge, cfg.lora_dropout, trainable=not cfg.freeze_knowledge)
+    align_targets = linear_targets(model, cfg.ffn_targets) + (linear_targets(model, cfg.attn_targets) if cfg.align_attention else [])
+    for path, linear in align_targets:
+        adapters.add(ALIGNMENT, path, LoRA(linear.in_features, linear.out_features, knowledge.rank, knowledge.scale, cfg.lora_dropout))
+    return adapters
+
+
+def orthogonal_penalty(adapters: AdapterSet) -> torch.Tensor:
+    """sum over projections with both adapters of sum(|A_know @ A_align^T|)."""
+    knowledge = {target: a for _, target, a in adapters.items(KNOWLEDGE)}
+    terms = [(knowledge[t].lora_A @ a.lora_A.T).abs().sum() for _, t, a in adapters.items(ALIGNMENT) if t in knowledge]
+    return torch.stack(terms).sum()
+
+
+def merge_pairs(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """What a stage-2 checkpoint merges into its base at export, from its flat adapter tensors:
+    {target: [(A, B) of the knowledge adapter, (A, B) of the alignment adapter]} (one scale)."""
+    deltas: dict[str, list] = {}
+    for group in (KNOWLEDGE, ALIGNMENT):
+        for target, pair in LoRA.pairs(tensors, group).items():
+            deltas.setdefault(target, []).append(pair)
+    return deltas
 
 
 class OrthogonalObjective(Objective):
@@ -92,5 +82,5 @@ class OrthogonalObjective(Objective):
         self._last = float(penalty.detach())
         return {"ortho": self.ortho_lambda * penalty}
 
-    def metrics(self) -> dict:
+    def metrics(self, sum_over_ranks=None) -> dict:
         return {"ortho_penalty": self._last}  # unweighted, so runs with different lambda compare

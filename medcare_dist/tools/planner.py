@@ -72,12 +72,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from medcare_dist.errors import ConfigError, InputNotFoundError
+from medcare_dist.resources import resolve_ds_config
 
 GiB = 2**30
-REPO = Path(__file__).resolve().parent.parent
-ZERO3 = "ds_configs/zero3.json"
-ZERO3_OFFLOAD = "ds_configs/zero3_offload.json"
-ZERO3_NODE_LOCAL = "ds_configs/zero3_node_local.json"  # several nodes: the base's gathers stay inside each node
+ZERO3 = "zero3"
+ZERO3_OFFLOAD = "zero3_offload"
+ZERO3_NODE_LOCAL = "zero3_node_local"  # several nodes: the base's gathers stay inside each node
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ADAPTER_BYTES = 4  # adapters, their gradients and AdamW states are fp32
 
@@ -277,9 +277,7 @@ def activation_bytes(shape: ModelShape, layout: AdapterLayout, dtype_bytes: int,
 # --- the plan --------------------------------------------------------------------------
 
 def _zero3_settings(ds_config: str | Path) -> dict[str, float]:
-    path = Path(ds_config)
-    path = path if path.is_absolute() or path.exists() else REPO / path
-    z = json.loads(path.read_text()).get("zero_optimization", {})
+    z = json.loads(resolve_ds_config(str(ds_config)).read_text()).get("zero_optimization", {})
     return {
         "prefetch_bucket": float(z.get("stage3_prefetch_bucket_size", 5e7)),
         "max_live": float(z.get("stage3_max_live_parameters", 1e9)),

@@ -152,7 +152,7 @@ def _finish(ax, title: str, ylabel: str) -> None:
 
 
 def _router_load(ax, records: list[dict]) -> None:
-    from medcare_dist.training.metrics import COLLAPSE_MIN_SHARE
+    from medcare_dist.method.router_health import COLLAPSE_MIN_SHARE
 
     targets = list(records[-1]["router_load"])
     steps = [r["step"] for r in records]

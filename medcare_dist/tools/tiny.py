@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from medcare_dist.resources import SAMPLE_DIR
+
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -28,7 +30,6 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data" / "sample"
 TOKENIZER_CORPUS = ("exam.jsonl", "stage1.jsonl", "stage2.jsonl")  # not heldout.jsonl: it is for evaluation
 
 TINY_CONFIG = dict(

@@ -10,9 +10,7 @@ tokens_per_s; in stage 1 the router load and entropy per FFN projection) and han
   `router_load/<projection>/expert_<e>`, `router_entropy/<projection>`, and
   `router/collapsed_experts` (how many experts are in collapse).
 
-A collapsed expert (`router_collapse`, `router/collapsed_experts`) gets under `COLLAPSE_MIN_SHARE`
-(1%) of the tokens of its projection for `COLLAPSE_WINDOW` (3) consecutive log intervals; the
-detector is stage-1 logic (stage1.py), the thresholds are here because plots draw them too.
+A collapsed expert (`router_collapse`, `router/collapsed_experts`): method/router_health.py.
 """
 
 from __future__ import annotations
@@ -26,8 +24,6 @@ from typing import Iterable, Iterator
 
 from medcare_dist.config import ConfigError
 
-COLLAPSE_MIN_SHARE = 0.01  # an expert under this share of its projection's tokens ...
-COLLAPSE_WINDOW = 3  # ... for this many consecutive log intervals is collapsed
 REPORT_TO_CHOICES = ("tensorboard", "jsonl", "none")  # jsonl is always on; "none" adds nothing
 TENSORBOARD_DIR = "tensorboard"
 METRICS_FILE = "metrics.jsonl"

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 
 from medcare_dist.adapters.adapter_set import AdapterSet, adapter_compute_dtype
-from medcare_dist.artefacts.manifest import base_fingerprint, base_record, require_output_dir, versions
+from medcare_dist.artefacts.manifest import base_fingerprint, base_record, versions
+from medcare_dist.files import require_output_dir
 from medcare_dist.artefacts.checkpoint import check_output_dir
 from medcare_dist.config import TrainConfig, load_config, parse_overrides
 from medcare_dist.errors import ConfigError, MedcareError
@@ -22,7 +23,7 @@ from medcare_dist.data.chat import pad_token_id
 from medcare_dist.artefacts.hf_io import check_model_dir
 from medcare_dist.artefacts.hub import resolve_model
 from medcare_dist.dist.rank_env import launch_rank, without_local_rank
-from medcare_dist.training.base_model import enable_activation_checkpointing
+from medcare_dist.training.zero3 import enable_activation_checkpointing
 from medcare_dist.training.metrics import check_report_to
 from medcare_dist.training.resume import check_resume_early
 from medcare_dist.training.trainer import Objective, Trainer
@@ -57,7 +58,8 @@ def build_trainer(
     from medcare_dist.dist import process_group as dist_utils
     from medcare_dist.dist import node_local
     from medcare_dist.data.dataset import load_dataset_for_training
-    from medcare_dist.training.base_model import base_checksum, build_ds_config, load_frozen_base, resolve_dtype, trainable_parameters
+    from medcare_dist.artefacts.hf_model import load_frozen_base, resolve_dtype
+    from medcare_dist.training.zero3 import base_checksum, build_ds_config
 
     dist_utils.check_launch(cfg)  # batch size vs the ranks the launcher started, before any rendezvous
     is_main = launch_rank() == 0
@@ -95,7 +97,7 @@ def build_trainer(
     adapters.train()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.module.train()
-    n_trainable = sum(p.numel() for p in trainable_parameters(adapters))
+    n_trainable = sum(p.numel() for p in adapters.trainable_parameters())
     log(f"world size {world.world_size}, dtype {dtype}, adapter matmuls {adapter_dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
     manifest = {
         "stage": cfg.stage,

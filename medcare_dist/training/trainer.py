@@ -21,7 +21,6 @@ Exactness by construction:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -41,25 +40,11 @@ from medcare_dist.data.dataset import DataError
 from medcare_dist.dist.grad_buckets import GradientBuckets
 from medcare_dist.dist.rank_env import World
 from medcare_dist.training.lm_loss import model_lm_loss_sum
-from medcare_dist.training.base_model import base_checksum, trainable_parameters
-from medcare_dist.training.metrics import MetricsReporter
+from medcare_dist.training.zero3 import base_checksum
+from medcare_dist.method.objective import Objective
+from medcare_dist.resources import read_ds_config
+from medcare_dist.training.metrics import MetricsReporter, warn
 from medcare_dist.training.resume import agreed_resume_checkpoint, check_resumable
-
-
-class Objective:
-    """Stage-specific loss terms and metrics. The default adds nothing."""
-
-    def batch_losses(self, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Terms that depend on the micro-batch just forwarded (weighted by its share of tokens)."""
-        return {}
-
-    def step_losses(self) -> dict[str, torch.Tensor]:
-        """Terms that depend only on adapter weights: computed once per optimizer step."""
-        return {}
-
-    def metrics(self) -> dict:
-        """Extra values for the log line; called on every rank at log time."""
-        return {}
 
 
 @dataclass
@@ -82,7 +67,7 @@ def grad_scaler(cfg: TrainConfig, device: torch.device) -> "torch.amp.GradScaler
     overflow before the scale doubles, default 1000); an overflow skips the optimizer step and
     halves the scale."""
     enabled = cfg.dtype == "fp16"
-    fp16 = json.loads(Path(cfg.ds_config).read_text()).get("fp16", {}) if enabled else {}
+    fp16 = read_ds_config(cfg.ds_config).get("fp16", {}) if enabled else {}
     if enabled and fp16.get("loss_scale", 0) not in (0, "auto"):
         raise ConfigError(f"{cfg.ds_config}: fp16.loss_scale {fp16['loss_scale']} (static) is not supported: remove it for dynamic loss scaling")
     return torch.amp.GradScaler(
@@ -151,7 +136,7 @@ class Trainer:
         self.dataset, self.objective, self.pad_token_id = dataset, objective, pad_token_id
         self.manifest, self.log = manifest, log
         self.out_dir = Path(cfg.output_dir)
-        self.params = trainable_parameters(adapters)
+        self.params = adapters.trainable_parameters()
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.grad_sync = GradientBuckets(adapters.trainable_by_depth(self.model), cfg.grad_bucket_mb,
                                          dist_utils.gradient_group(cfg.timeout_minutes))
@@ -296,9 +281,12 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------
 
     def _log_metrics(self, record: dict) -> None:
+        notices = self.objective.notices()
         if not self.world.is_main:
             return
-        self.reporter.write(record)  # metrics.jsonl (+ TensorBoard): reporting.MetricsReporter
+        for notice in notices:
+            warn(notice)
+        self.reporter.write(record)  # metrics.jsonl (+ TensorBoard): metrics.MetricsReporter
         losses = " ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("loss"))
         self.log(
             f"step {record['step']}/{self.num_steps} {losses} lr={record['lr']:.2e} "
@@ -325,7 +313,6 @@ class Trainer:
                 self.state,
                 self.adapters.flat_state_dict(),
                 self.optimizer.state_dict(),
-                self.scheduler.state_dict(),
                 self.cfg.to_dict(),
                 self.manifest | checks,
                 keep_last=self.cfg.keep_last,
@@ -369,7 +356,7 @@ class Trainer:
                         "grad_norm": result.grad_norm,
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                         **({"loss_scale": self.scaler.get_scale()} if self.scaler.is_enabled() else {}),
-                        **self.objective.metrics(),
+                        **self.objective.metrics(dist_utils.all_reduce_sum),
                     }
                     self._log_metrics(record)
                     window_tokens, window_start = 0, time.perf_counter()

@@ -27,8 +27,9 @@ from collectives import CollectivePatch  # tests/dist, the script's own director
 from medcare_dist.data.batching import plan_global_batches
 from medcare_dist.training.recipe import build_trainer, config_from_argv
 from medcare_dist.training.lm_loss import orthogonal_penalty
-from medcare_dist.training.base_model import enable_activation_checkpointing
-from medcare_dist.method.stage2 import OrthogonalObjective, check_stage2_base, stage2_adapters
+from medcare_dist.training.zero3 import enable_activation_checkpointing
+from medcare_dist.artefacts.stage2_base import adapters_on_stage2_base, check_stage2_base
+from medcare_dist.method.stage2 import OrthogonalObjective
 
 class CollectiveCounter(CollectivePatch):
     """Counts calls to every collective of torch.distributed and deepspeed.comm while active."""
@@ -114,7 +115,7 @@ def main():
     del argv[i:i + 2]
     rss_before_model = status_line("RssAnon")
     cfg = config_from_argv(argv, stage=2)
-    trainer = build_trainer(cfg, stage2_adapters, lambda a, c: OrthogonalObjective(a, c.ortho_lambda), lambda c: {"stage2_base": check_stage2_base(c.model)})
+    trainer = build_trainer(cfg, adapters_on_stage2_base, lambda a, c: OrthogonalObjective(a, c.ortho_lambda), lambda c: {"stage2_base": check_stage2_base(c.model)})
     rank = trainer.world.rank
     rss_after_setup = status_line("RssAnon")
     names = [n for n, _ in trainer.adapters.named_parameters()]

@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 SEED = 20240625
-OUT_DIR = Path(__file__).resolve().parent
+OUT_DIR = Path(__file__).resolve().parent.parent / "medcare_dist" / "resources" / "sample"
 
 # ------------------------------------------------------------------------ conditions
 # key, subject, confusable groups, related drug, who (self|child|other),

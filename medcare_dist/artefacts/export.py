@@ -1,20 +1,15 @@
-"""Offline conversions of checkpoints, on CPU, streamed tensor by tensor (memory: about one
-output shard; hf_io.py): nothing here imports the training stack.
+"""Exports of trained checkpoints, on CPU, streamed tensor by tensor (memory: about one output
+shard; hf_io.py): nothing here imports the training stack.
 
-- `prepare_stage2`: stage-1 checkpoint -> stage-2 base dir:
-      model*.safetensors (+ index), config, tokenizer    base with the attention LoRA merged in
-      knowledge_adapter.safetensors                       the Knowledge Aggregator, "{target}.lora_A|B"
-      manifest.json                                       kind, inputs, rank and scale of the adapter
-  The Noise Aggregator (routed experts and routers) is dropped.
-- `export_merged`: a stage-2 checkpoint -> a plain Qwen2ForCausalLM dir: base + knowledge
-  adapter + alignment adapter merged into the weights (W += scale * (B_k A_k + B_a A_a)).
+- `export_merged`: a stage-2 checkpoint -> a plain HF model dir: base + knowledge adapter +
+  alignment adapter merged into the weights (W += scale * (B_k A_k + B_a A_a)).
 - `export_adapter`: a stage-2 checkpoint -> one PEFT LoRA adapter on the stage-2 base. Two
   LoRAs with the same scale on the same layer are one LoRA of the summed rank:
   [B_k B_a] @ [A_k; A_a] = B_k A_k + B_a A_a. On a stage-1 checkpoint: the attention LoRA as
   a PEFT adapter on the original base, and the mixture-of-LoRA weights in `molora.safetensors`.
+- `merge_into_base`: the one streaming merge that export and prepare-stage2 (stage2_base.py) run.
 
-The layouts written are described in docs/export.md. `merge_into_base` is the one streaming
-merge both prepare-stage2 and export run.
+The layouts written are described in docs/export.md.
 """
 
 from __future__ import annotations
@@ -26,14 +21,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medcare_dist.adapters.lora import lora_scale
+from medcare_dist.adapters.lora import LoRA, lora_scale, merge_delta
+from medcare_dist.artefacts.hf_io import ShardedWriter, copy_side_files, iter_tensors, parse_size
 from medcare_dist.artefacts.manifest import (
-    ADAPTERS_FILE, KNOWLEDGE_FILE, STAGE2_KIND, adapter_tensor_name, base_fingerprint, base_model_dir, checkpoint_config,
-    describe,
-    lora_pairs, read_manifest, record_files, require_empty_dir, verify_artefact, versions, write_manifest,
+    ADAPTERS_FILE, STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, artefact_kind, base_model_dir, checkpoint_config, read_manifest,
+    verify_artefact, versions,
 )
 from medcare_dist.errors import CheckpointError
-from medcare_dist.artefacts.hf_io import ShardedWriter, copy_side_files, iter_tensors, parse_size, weight_files
+from medcare_dist.files import require_empty_dir
+from medcare_dist.method import stage2
+from medcare_dist.method.stage1 import ATTENTION, MOLORA
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,7 +47,7 @@ def merge_into_base(base_dir: Path, out: Path, deltas: dict[str, list[tuple[torc
         if pairs:
             weight = tensor.to(torch.float32, copy=True)
             for a, b in pairs:
-                weight.addmm_(b.float(), a.float(), alpha=scale)
+                merge_delta(weight, a, b, scale)
             tensor = weight if dtype is not None else weight.to(tensor.dtype)
             merged += 1
         writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
@@ -59,67 +56,14 @@ def merge_into_base(base_dir: Path, out: Path, deltas: dict[str, list[tuple[torc
     return merged, shards
 
 
-def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard_size: str = "5GB", log=print) -> Path:
-    """Merge the attention LoRA into the base, keep the Knowledge Aggregator, drop the
-    Noise Aggregator."""
-    ckpt, out = Path(stage1_checkpoint), Path(out_dir)
-    manifest = read_manifest(ckpt)
-    if manifest.get("stage") != 1:
-        raise CheckpointError(f"{ckpt}: a stage-{manifest.get('stage')} artefact, not a stage-1 checkpoint")
-    require_empty_dir(out)
-    verify_artefact(ckpt)  # its files' digests, and a base whose weights have not changed since stage 1
-    cfg = checkpoint_config(ckpt)
-    base_dir = base_model_dir(manifest)
-    adapters = load_file(str(ckpt / ADAPTERS_FILE))
-    scale = lora_scale(cfg.lora_alpha, cfg.lora_r, cfg.use_rslora)
-
-    attn = lora_pairs(adapters, "attn_lora")
-    ka = lora_pairs(adapters, "molora", "ka_A", "ka_B")
-    ffn = sorted(ka)
-    tensor_names = set(weight_files(base_dir))
-    missing = [t for t in sorted(attn) + ffn if f"{t}.weight" not in tensor_names]
-    if missing:
-        raise CheckpointError(f"{ckpt}: adapter targets {missing[:3]} have no weight in base {base_dir}")
-
-    merged, _ = merge_into_base(base_dir, out, {t: [pair] for t, pair in attn.items()}, scale, max_shard_size)
-    knowledge = {}
-    for target in ffn:
-        knowledge[adapter_tensor_name(None, target, "lora_A")] = ka[target][0].contiguous()
-        knowledge[adapter_tensor_name(None, target, "lora_B")] = ka[target][1].contiguous()
-    save_file(knowledge, str(out / KNOWLEDGE_FILE))
-    rank = int(next(iter(knowledge.values())).shape[0]) if knowledge else 0
-    write_manifest(out, {
-        "kind": STAGE2_KIND,
-        "stage1_checkpoint": str(ckpt.resolve()),
-        "stage1_step": manifest.get("step"),
-        "original_base_model": manifest["base_model"],
-        "original_base_source": manifest.get("base_source"),
-        "original_base_fingerprint": manifest["base_fingerprint"],
-        "files": record_files(out, cache=True),  # the weights hashed once here; later checks read the cache
-        "base_fingerprint": base_fingerprint(out),
-        "merged_attention_targets": sorted(attn),
-        "dropped": "Noise Aggregator (routed experts and routers)",
-        "knowledge": {"targets": ffn, "rank": rank, "scale": scale},
-        "versions": versions(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
-    log(f"stage-2 base written to {out}: {merged} attention projections merged, knowledge adapter on {len(ffn)} FFN projections (rank {rank})")
-    return out
-
-
 def stage2_deltas(checkpoint: Path) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], float]:
     """{target: [(A, B), ...]} of every stage-2 LoRA, and their common scale."""
     base_manifest = read_manifest(base_model_dir(read_manifest(checkpoint)))
-    adapters = load_file(str(checkpoint / ADAPTERS_FILE))
-    deltas: dict[str, list] = {}
-    for group in ("knowledge", "alignment"):
-        for target, pair in lora_pairs(adapters, group).items():
-            deltas.setdefault(target, []).append(pair)
-    return deltas, base_manifest["knowledge"]["scale"]
+    return stage2.merge_pairs(load_file(str(checkpoint / ADAPTERS_FILE))), base_manifest["knowledge"]["scale"]
 
 
 def _require(checkpoint: Path, kinds: tuple[str, ...], what: str) -> str:
-    kind = describe(checkpoint)
+    kind = artefact_kind(checkpoint)
     if kind not in kinds:
         raise CheckpointError(f"{checkpoint} is a {kind}; {what} needs a {' or '.join(kinds)}")
     return kind
@@ -144,11 +88,11 @@ def _model_card(out: Path, checkpoint: Path, manifest: dict, how: str) -> None:
 def export_merged(checkpoint: str | Path, out_dir: str | Path, dtype: str = "bf16", max_shard_size: str = "5GB", log=print) -> Path:
     """Stage-2 checkpoint -> plain HF model dir, never holding the whole model in memory."""
     checkpoint, out = Path(checkpoint), Path(out_dir)
-    kind = describe(checkpoint)
-    if kind == "stage1-checkpoint":
+    kind = artefact_kind(checkpoint)
+    if kind == STAGE1_CHECKPOINT:
         raise CheckpointError(f"{checkpoint} is a stage-1 checkpoint: its routed experts cannot be merged into dense weights. "
                               "Run prepare-stage2 (a plain HF model of the merged base) or export --adapter-only")
-    _require(checkpoint, ("stage2-checkpoint",), "a merged export")
+    _require(checkpoint, (STAGE2_CHECKPOINT,), "a merged export")
     require_empty_dir(out)
     manifest = verify_artefact(checkpoint)  # digests, and its stage-2 base unchanged since training
     base = base_model_dir(manifest)
@@ -196,11 +140,11 @@ def _write_peft(out: Path, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], 
 def export_adapter(checkpoint: str | Path, out_dir: str | Path, log=print) -> Path:
     """PEFT adapter(s) of a checkpoint (see the module docstring)."""
     checkpoint, out = Path(checkpoint), Path(out_dir)
-    kind = _require(checkpoint, ("stage1-checkpoint", "stage2-checkpoint"), "--adapter-only")
+    kind = _require(checkpoint, (STAGE1_CHECKPOINT, STAGE2_CHECKPOINT), "--adapter-only")
     require_empty_dir(out)
     manifest = verify_artefact(checkpoint)
     cfg = checkpoint_config(checkpoint)
-    if kind == "stage2-checkpoint":
+    if kind == STAGE2_CHECKPOINT:
         deltas, scale = stage2_deltas(checkpoint)
         fused = {t: (torch.cat([a for a, _ in p]), torch.cat([b for _, b in p], dim=1)) for t, p in deltas.items()}
         _write_peft(out, fused, scale, cfg.model)
@@ -209,8 +153,8 @@ def export_adapter(checkpoint: str | Path, out_dir: str | Path, log=print) -> Pa
         return out
     adapters = load_file(str(checkpoint / ADAPTERS_FILE))
     scale = lora_scale(cfg.lora_alpha, cfg.lora_r, cfg.use_rslora)
-    _write_peft(out, lora_pairs(adapters, "attn_lora"), scale, cfg.model)
-    molora = {k[len("molora."):]: v for k, v in adapters.items() if k.startswith("molora.")}
+    _write_peft(out, LoRA.pairs(adapters, ATTENTION), scale, cfg.model)
+    molora = {k[len(MOLORA) + 1:]: v for k, v in adapters.items() if k.startswith(f"{MOLORA}.")}
     save_file(molora, str(out / "molora.safetensors"), metadata={
         "format": "medcare_dist.molora/1", "num_experts": str(cfg.num_experts), "top_k": str(cfg.top_k),
         "rank": str(cfg.lora_r), "shared_rank": str(cfg.lora_r * cfg.num_shared), "scale": str(scale),
