@@ -29,7 +29,8 @@ import torch
 from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.adapters.lora import LoRA
 from medcare_dist.training.zero3 import enable_activation_checkpointing
-from medcare_dist.training.lm_loss import causal_lm_loss_sum, orthogonal_penalty
+from medcare_dist.method.stage2 import orthogonal_penalty
+from medcare_dist.training.lm_loss import causal_lm_loss_sum
 from medcare_dist.method.molora import MoLoRA
 
 SHAPES = {  # Qwen1.5 chat models

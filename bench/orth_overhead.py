@@ -16,7 +16,7 @@ import time
 import torch
 
 from medcare_dist.data.batching import plan_global_batches
-from medcare_dist.training.lm_loss import orthogonal_penalty
+from medcare_dist.method.stage2 import orthogonal_penalty
 from medcare_dist.training.recipe import build_trainer, config_from_argv
 from medcare_dist.artefacts.stage2_base import adapters_on_stage2_base, check_stage2_base
 from medcare_dist.method.stage2 import OrthogonalObjective

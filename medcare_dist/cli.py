@@ -74,15 +74,10 @@ def _plot(args) -> None:
     print(f"wrote {args.out}")
 
 
-# The training options `plan` reads (from --config FILE and the command line, by their training names).
-PLAN_OPTIONS = ("stage", "micro_batch_size", "max_length", "grad_checkpointing", "dtype", "lora_r", "num_experts", "top_k",
-                "num_shared", "lora_dropout", "routed_compute", "freeze_knowledge", "align_attention", "ds_config")
-
-
 def _plan(args) -> None:
     import json
 
-    from medcare_dist.config import TrainConfig, load_config
+    from medcare_dist.config import PLAN_OPTIONS, TrainConfig, load_config
     from medcare_dist.tools.planner import AdapterLayout, plan
 
     given = {k: getattr(args, k) for k in PLAN_OPTIONS if getattr(args, k) is not None}
@@ -104,7 +99,7 @@ def _plan(args) -> None:
 
 def add_plan_parser(subparsers) -> None:
     """Register `plan` on the `medcare-dist` subcommand parser."""
-    from medcare_dist.config import TrainConfig
+    from medcare_dist.config import PLAN_OPTIONS, TrainConfig, option_help
 
     defaults = TrainConfig()
     p = subparsers.add_parser(
@@ -124,8 +119,8 @@ def add_plan_parser(subparsers) -> None:
         flag = isinstance(default, bool)
         spellings = sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=len)
         p.add_argument(*spellings, dest=name, default=None, nargs="?" if flag else None, const="true" if flag else None,
-                       help=f"training option (default {default})" + ("; a ds_config other than the default is planned as given, "
-                       "else zero3.json or, if that does not fit, zero3_offload.json" if name == "ds_config" else ""))
+                       help=f"{option_help(name)} (default {default})" + ("; a ds_config other than the default is planned as given, "
+                       "else zero3 or, if that does not fit, zero3_offload" if name == "ds_config" else ""))
     p.set_defaults(run=_plan)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -20,99 +19,126 @@ from medcare_dist.errors import ConfigError
 from medcare_dist.resources import DEFAULT_DS_CONFIG, read_ds_config
 
 
+def option(default, help: str, group: str, *, choices: tuple = (), runtime: bool = False, stage1_only: bool = False,
+           plan: bool = False, check: tuple | None = None):
+    """A TrainConfig field and what is known about it, in one place:
+
+    help, group         what `--help` prints, and under which heading
+    choices             the allowed values (checked at load; shown in help)
+    runtime             result-neutral: where things are, how often to log and save, how a
+                        result is computed (same numbers): a resume may change it freely
+    stage1_only         shapes the stage-1 adapters; in stage 2 the prepared base decides it
+    plan                `medcare-dist plan` reads it
+    check               (predicate, "what it must be"): a range check beyond the type
+    """
+    meta = {"help": help, "group": group, "choices": choices, "runtime": runtime, "stage1_only": stage1_only,
+            "plan": plan, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_POSITIVE = (lambda v: v >= 1, ">= 1")
+
+
 @dataclass
 class TrainConfig:
     # what to train
-    stage: int = 1
-    model: str = ""  # stage 1: HF model dir or hub name; stage 2: the prepared stage-2 dir
-    data: list[str] = field(default_factory=list)  # files, or one `medcare-dist preprocess` dir
-    output_dir: str = "runs/out"
-    max_length: int = 1024
-    on_bad_record: str = "error"  # error | skip
-    control_tokens: str = "error"  # error | as_text: message text spelling a control token (<|im_end|>, ...)
-    trust_remote_code: bool = False
+    stage: int = option(1, "1: knowledge aggregation, 2: clinical alignment (set by the launcher)", "run", choices=(1, 2), plan=True)
+    model: str = option("", "stage 1: HF model dir or hub name; stage 2: the prepared stage-2 base dir", "run", runtime=True)
+    data: list[str] = option([], "data files, or one `medcare-dist preprocess` dir", "run", runtime=True)
+    output_dir: str = option("runs/out", "where checkpoints and metrics.jsonl go", "run", runtime=True)
+    max_length: int = option(1024, "tokens per record; longer records are cut", "data", plan=True, check=(lambda v: v >= 2, ">= 2"))
+    on_bad_record: str = option("error", "a malformed record stops the run (error) or is skipped and counted (skip)", "data",
+                                choices=("error", "skip"))
+    control_tokens: str = option("error", "message text spelling a control token (<|im_end|>, ...): refused, or kept as text",
+                                 "data", choices=("error", "as_text"))
+    trust_remote_code: bool = option(False, "run the model repository's own code (only for models you trust)", "run", runtime=True)
 
     # adapters (defaults: the MedCare reference)
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    use_rslora: bool = False
-    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    ffn_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    num_experts: int = 8
-    top_k: int = 2
-    num_shared: int = 2
-    router_aux_loss_coef: float = 0.0  # load-balancing loss; off as in the reference
-    routed_compute: str = "dense"  # dense | sparse: how MoLoRA computes the routed experts (same result)
+    lora_r: int = option(16, "LoRA rank of the attention LoRA and of each routed expert", "adapters", stage1_only=True, plan=True,
+                         check=_POSITIVE)
+    lora_alpha: float = option(32.0, "LoRA alpha: scale = alpha / r", "adapters", stage1_only=True, check=(lambda v: v > 0, "> 0"))
+    lora_dropout: float = option(0.05, "dropout on the adapter input", "adapters", plan=True,
+                                 check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    use_rslora: bool = option(False, "rsLoRA scaling: scale = alpha / sqrt(r)", "adapters", stage1_only=True)
+    attn_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "attention projections that get a LoRA", "adapters")
+    ffn_targets: list[str] = option(["gate_proj", "up_proj", "down_proj"], "FFN projections that get the experts", "adapters")
+    num_experts: int = option(8, "routed experts per FFN projection (the Noise Aggregator)", "adapters", stage1_only=True,
+                              plan=True, check=_POSITIVE)
+    top_k: int = option(2, "routed experts per token", "adapters", stage1_only=True, plan=True, check=_POSITIVE)
+    num_shared: int = option(2, "shared experts, fused into one LoRA of rank num_shared x lora_r (the Knowledge Aggregator)",
+                             "adapters", stage1_only=True, plan=True, check=_POSITIVE)
+    router_aux_loss_coef: float = option(0.0, "load-balancing loss weight (off in the reference)", "adapters", stage1_only=True,
+                                         check=(lambda v: v >= 0, ">= 0"))
+    routed_compute: str = option("dense", "how the routed experts are computed (same result)", "adapters",
+                                 choices=("dense", "sparse"), runtime=True, stage1_only=True, plan=True)
 
     # stage 2
-    ortho_lambda: float = 1.0
-    freeze_knowledge: bool = False
-    align_attention: bool = False
+    ortho_lambda: float = option(1.0, "weight of the orthogonality penalty |A_know A_align^T|", "stage 2",
+                                 check=(lambda v: v >= 0, "finite and >= 0"))
+    freeze_knowledge: bool = option(False, "keep the knowledge adapter frozen in stage 2", "stage 2", plan=True)
+    align_attention: bool = option(False, "alignment adapters on attention too", "stage 2", plan=True)
 
     # optimisation
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 overrides epochs
-    global_batch_size: int = 16  # sequences per optimizer step, over all ranks
-    micro_batch_size: int = 2  # sequences per forward on one rank
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
-    grad_checkpointing: bool = False
-    seed: int = 42
-    packing: str = "auto"  # auto (on under flash-attention varlen, where exact) | on (exact or refused) | off
-    pack_tokens: int = 0  # tokens per packed row (a micro-batch has micro_batch_size rows); 0: max_length
-    lm_loss: str = "chunked"  # chunked (no full logits) | full | liger (CUDA, liger-kernel)
-    loss_chunk_tokens: int = 1024  # tokens per LM-head chunk of the chunked loss
-    grad_bucket_mb: float = 25.0  # adapter gradients are all-reduced in buckets of this size while backward runs
+    epochs: float = option(1.0, "passes over the data", "optimisation", check=(lambda v: v > 0, "> 0"))
+    max_steps: int = option(-1, "> 0: this many optimizer steps, overriding epochs", "optimisation",
+                            check=(lambda v: v == -1 or v >= 1, "-1 (use epochs) or >= 1"))
+    global_batch_size: int = option(16, "sequences per optimizer step, over all ranks", "optimisation", check=_POSITIVE)
+    micro_batch_size: int = option(2, "sequences per forward on one rank", "optimisation", plan=True, check=_POSITIVE)
+    lr: float = option(2e-4, "peak learning rate (cosine schedule)", "optimisation", check=(lambda v: v > 0, "finite and > 0"))
+    weight_decay: float = option(0.0, "AdamW weight decay", "optimisation", check=(lambda v: v >= 0, ">= 0"))
+    warmup_ratio: float = option(0.03, "share of the steps spent warming up", "optimisation",
+                                 check=(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    max_grad_norm: float = option(1.0, "gradient clipping (0: none)", "optimisation",
+                                  check=(lambda v: v >= 0, ">= 0 (0: no clipping)"))
+    grad_checkpointing: bool = option(False, "recompute activations in backward (less memory, same result)", "optimisation",
+                                      runtime=True, plan=True)
+    seed: int = option(42, "adapter init, data order and dropout", "optimisation")
+    packing: str = option("auto", "pack records into rows (exact: same result): auto (under flash-attention varlen), on, off",
+                          "optimisation", choices=("auto", "on", "off"), runtime=True)
+    pack_tokens: int = option(0, "tokens per packed row; 0: max_length", "optimisation", runtime=True,
+                              check=(lambda v: v >= 0, ">= 0"))
+    lm_loss: str = option("chunked", "LM loss: chunked (no full logits), full, liger (CUDA, liger-kernel)", "optimisation",
+                          choices=("chunked", "full", "liger"), runtime=True)
+    loss_chunk_tokens: int = option(1024, "tokens per LM-head chunk of the chunked loss", "optimisation", runtime=True,
+                                    check=_POSITIVE)
+    grad_bucket_mb: float = option(25.0, "adapter gradients are all-reduced in buckets of this size while backward runs",
+                                   "optimisation", runtime=True, check=(lambda v: v > 0, "> 0"))
 
     # runtime
-    ds_config: str = DEFAULT_DS_CONFIG  # a JSON file, or a packaged config by name (zero3, zero3_offload, zero3_node_local)
-    dtype: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | fp32
-    adapter_dtype: str = "auto"  # adapter matmul precision, weights stay fp32: auto (bf16 with a bf16 base) | bf16 | fp32
-    log_every: int = 10
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 0  # 0: keep all checkpoints
-    resume: str = ""  # "" | auto | path to a checkpoint
-    resume_override: list[str] = field(default_factory=list)  # training-defining options allowed to differ on resume
-    overwrite: bool = False  # a fresh run may delete an earlier run's checkpoints in output_dir
-    report_to: list[str] = field(default_factory=list)  # e.g. [tensorboard]
-    timeout_minutes: float = 30.0
+    ds_config: str = option(DEFAULT_DS_CONFIG, "DeepSpeed config: a JSON file, or a packaged one by name "
+                            "(zero3, zero3_offload, zero3_node_local)", "runtime", runtime=True, plan=True)
+    dtype: str = option("auto", "base dtype: auto (bf16 where supported, else fp32)", "runtime",
+                        choices=("auto", "bf16", "fp16", "fp32"), plan=True)
+    adapter_dtype: str = option("auto", "adapter matmul precision (weights stay fp32): auto (bf16 with a bf16 base)", "runtime",
+                                choices=("auto", "bf16", "fp32"))
+    log_every: int = option(10, "steps between log records", "runtime", runtime=True, check=(lambda v: v >= 1, ">= 1"))
+    save_every: int = option(0, "steps between checkpoints (0: at the end only)", "runtime", runtime=True,
+                             check=(lambda v: v >= 0, ">= 0 (0: save at the end only)"))
+    keep_last: int = option(0, "checkpoints kept (0: all)", "runtime", runtime=True, check=(lambda v: v >= 0, ">= 0 (0: keep all)"))
+    resume: str = option("", "auto (the newest complete checkpoint in output_dir, if any) or a checkpoint path", "runtime",
+                         runtime=True)
+    resume_override: list[str] = option([], "training-defining options a resume may change", "runtime", runtime=True)
+    overwrite: bool = option(False, "a fresh run may delete an earlier run's checkpoints in output_dir", "runtime", runtime=True)
+    report_to: list[str] = option([], "extra metric sinks: tensorboard", "runtime", runtime=True)
+    timeout_minutes: float = option(30.0, "collective timeout", "runtime", runtime=True, check=(lambda v: v > 0, "> 0"))
 
     def validate(self) -> "TrainConfig":
-        if self.stage not in (1, 2):
-            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
         if not self.model:
             raise ConfigError("model is not set (--model DIR)")
         if not self.data:
             raise ConfigError("data is not set (--data FILE [FILE ...])")
-        if self.on_bad_record not in ("error", "skip"):
-            raise ConfigError(f"on_bad_record must be 'error' or 'skip', got {self.on_bad_record!r}")
-        if self.control_tokens not in ("error", "as_text"):
-            raise ConfigError(f"control_tokens must be 'error' or 'as_text', got {self.control_tokens!r}")
-        if self.routed_compute not in ("sparse", "dense"):
-            raise ConfigError(f"routed_compute must be 'sparse' or 'dense', got {self.routed_compute!r}")
-        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError(f"dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        for name, allowed in (("packing", ("auto", "on", "off")), ("lm_loss", ("chunked", "full", "liger")),
-                              ("adapter_dtype", ("auto", "bf16", "fp32"))):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            value, (choices, check) = getattr(self, f.name), (f.metadata["choices"], f.metadata["check"])
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            if check and (isinstance(value, float) and not math.isfinite(value) or not check[0](value)):
+                raise ConfigError(f"{f.name} must be {check[1]}, got {value}")
         if self.pack_tokens and self.pack_tokens < self.max_length:
             raise ConfigError(f"pack_tokens ({self.pack_tokens}) must be 0 or at least max_length ({self.max_length})")
-        for name in ("lora_r", "num_experts", "top_k", "num_shared", "global_batch_size", "micro_batch_size", "max_length",
-                     "loss_chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        for name, ok, wanted in _RANGES:
-            value = getattr(self, name)
-            if isinstance(value, float) and not math.isfinite(value) or not ok(value):
-                raise ConfigError(f"{name} must be {wanted}, got {value}")
         read_ds_config(self.ds_config)  # exists and parses: found now, not after the data load and the rendezvous
         if self.overwrite and self.resume:
             raise ConfigError(f"--overwrite deletes the checkpoints that --resume {self.resume} would continue from: pass one of them")
@@ -137,15 +163,39 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-# Options a resume may change freely: where things are, how often to log and save, runtime
-# knobs that leave the numbers unchanged. Every other option defines the training run, and a
-# resume refuses a different value unless it is named in `resume_override`. `model` and `data`
-# are compared by content (base fingerprint, data fingerprint), not by path, so moved files resume.
-RUNTIME_OPTIONS = frozenset({
-    "model", "data", "output_dir", "trust_remote_code", "routed_compute", "lm_loss", "loss_chunk_tokens", "grad_checkpointing",
-    "ds_config",
-    "log_every", "save_every", "keep_last", "resume", "resume_override", "overwrite", "report_to", "timeout_minutes",
-})
+def choices(name: str) -> tuple:
+    """The allowed values of option `name` (its one definition, above)."""
+    return _FIELDS[name].metadata["choices"]
+
+
+# Options a resume may change freely (metadata `runtime`): every other option defines the
+# training run, and a resume refuses a different value unless it is named in
+# `resume_override`. `model` and `data` are compared by content (base fingerprint, data
+# fingerprint), not by path, so moved files resume.
+RUNTIME_OPTIONS = frozenset(n for n, f in _FIELDS.items() if f.metadata["runtime"])
+STAGE1_ONLY = tuple(n for n, f in _FIELDS.items() if f.metadata["stage1_only"])
+PLAN_OPTIONS = tuple(n for n, f in _FIELDS.items() if f.metadata["plan"])
+
+
+def option_help(name: str) -> str:
+    return _FIELDS[name].metadata["help"]
+
+
+def options_help(stage: int | None = None) -> str:
+    """Every option by group, with its default, allowed values and help: what `--help` prints."""
+    lines, group = [], None
+    defaults = TrainConfig()
+    for name, f in _FIELDS.items():
+        if stage == 2 and f.metadata["stage1_only"] or stage == 1 and f.metadata["group"] == "stage 2":
+            continue
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines.append(f"\n{group}:")
+        default = getattr(defaults, name)
+        shown = " ".join(default) if isinstance(default, list) else default
+        allowed = f" {{{'|'.join(map(str, f.metadata['choices']))}}}" if f.metadata["choices"] else ""
+        lines.append(f"  --{name}{allowed} (default: {shown!s})\n      {f.metadata['help']}")
+    return "\n".join(lines).lstrip("\n")
 
 
 def resume_differences(saved: dict, current: TrainConfig) -> dict[str, tuple]:
@@ -158,30 +208,6 @@ def resume_differences(saved: dict, current: TrainConfig) -> dict[str, tuple]:
         for name in _FIELDS
         if name not in RUNTIME_OPTIONS and saved.get(name, defaults[name]) != now[name]
     }
-
-
-# (option, check, what it must be): range checks beyond the type, all applied at load.
-_RANGES = [
-    ("max_length", lambda v: v >= 2, ">= 2"),
-    ("lora_alpha", lambda v: v > 0, "> 0"),
-    ("grad_bucket_mb", lambda v: v > 0, "> 0"),
-    ("lr", lambda v: v > 0, "finite and > 0"),
-    ("weight_decay", lambda v: v >= 0, ">= 0"),
-    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("epochs", lambda v: v > 0, "> 0"),
-    ("max_steps", lambda v: v == -1 or v >= 1, "-1 (use epochs) or >= 1"),
-    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
-    ("ortho_lambda", lambda v: v >= 0, "finite and >= 0"),
-    ("router_aux_loss_coef", lambda v: v >= 0, ">= 0"),
-    ("log_every", lambda v: v >= 1, ">= 1"),
-    ("save_every", lambda v: v >= 0, ">= 0 (0: save at the end only)"),
-    ("keep_last", lambda v: v >= 0, ">= 0 (0: keep all)"),
-    ("timeout_minutes", lambda v: v > 0, "> 0"),
-]
-
-# Options that shape the stage-1 adapters; in stage 2 the prepared base decides them.
-STAGE1_ONLY = ("lora_r", "lora_alpha", "use_rslora", "num_experts", "top_k", "num_shared",
-               "router_aux_loss_coef", "routed_compute")
 
 
 def _unknown(key: str, where: str) -> ConfigError:
@@ -265,7 +291,3 @@ def load_config(path: str | None, overrides: dict | None = None, **defaults) -> 
         raise ConfigError(f"stage 2: {decided} cannot be set: the prepared stage-2 base decides the adapter "
                           "rank and scale (its manifest records them) and stage 2 has no routed experts; remove them")
     return TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()}).validate()
-
-
-def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -8,14 +8,17 @@ Anything else is a bug and keeps its traceback. Each kind names the input at fau
       CheckpointError      an input artefact (checkpoint, stage-2 base, model dir): missing
                            parts, the wrong kind for this step, or changed since it was made
       DistributedSetupError  the launcher's rank variables, the master address or port
-    DataError, ChatTemplateError   (medcare_dist/data.py) a data file or record; a tokenizer's
-                           chat template
+    DataError              a data file or one of its records (names file, record, line)
+    ChatTemplateError      a tokenizer's vocabulary or chat template
+    ModelSourceError       a model name that is neither a local dir nor a usable hub repository
     FormatError            a file that is not in the format its reader expects
     InputNotFoundError     a named input file or directory does not exist (a FileNotFoundError)
     OutputExistsError      an output directory exists and is not empty (a FileExistsError)
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class MedcareError(ValueError):
@@ -50,3 +53,47 @@ class OutputExistsError(MedcareError, FileExistsError):
 
 class AdapterLayoutError(CheckpointError, KeyError):
     """Saved adapter tensors do not match the adapters built from the config (a KeyError too)."""
+
+
+class ChatTemplateError(MedcareError):
+    """The tokenizer has no vocabulary or chat template, or its template hides an assistant reply."""
+
+
+class ModelSourceError(MedcareError):
+    """A model name that is neither a local directory nor a usable hub repository."""
+
+
+def location(path: str | Path | None, index: int | None = None, line: int | None = None) -> str:
+    """'FILE: record I (line L)', or as much of it as is known."""
+    where = [str(path)] if path is not None else []
+    if index is not None:
+        where.append(f"record {index}" + (f" (line {line})" if line is not None else ""))
+    return ": ".join(where)
+
+
+class DataError(MedcareError):
+    """A data file or one of its records is unusable; the message says where and why."""
+
+    def __init__(self, reason: str, path: str | Path | None = None, index: int | None = None,
+                 line: int | None = None):
+        self.reason, self.path, self.index, self.line = reason, path, index, line
+        where = location(path, index, line)
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+    def at(self, path: str | Path, index: int, line: int | None = None) -> "DataError":
+        """The same reason, located in a file."""
+        return DataError(self.reason, path, index, line)
+
+
+class DataError(MedcareError):
+    """A data file or one of its records is unusable; the message says where and why."""
+
+    def __init__(self, reason: str, path: str | Path | None = None, index: int | None = None,
+                 line: int | None = None):
+        self.reason, self.path, self.index, self.line = reason, path, index, line
+        where = location(path, index, line)
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+    def at(self, path: str | Path, index: int, line: int | None = None) -> "DataError":
+        """The same reason, located in a file."""
+        return DataError(self.reason, path, index, line)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from medcare_dist.eval.exam_files import ExamRecord, detect_format, read_eval_file
-from medcare_dist.data.dataset import DataError
+from medcare_dist.errors import DataError
 
 
 def _jsonl(path, rows):

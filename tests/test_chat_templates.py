@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from medcare_dist.data.chat import IGNORE_INDEX, control_token_strings, render_with_spans, tokenize_conversation
-from medcare_dist.data.dataset import DataError, build_dataset, normalize_record, read_records
+from medcare_dist.errors import DataError
+from medcare_dist.data.dataset import build_dataset, normalize_record, read_records
 
 
 def _package_dir(dist: str, inside: str) -> Path:

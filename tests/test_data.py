@@ -14,9 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medcare_dist.data.chat import IGNORE_INDEX, ChatTemplateError, tokenize_conversation
+from medcare_dist.data.chat import IGNORE_INDEX, tokenize_conversation
+from medcare_dist.errors import ChatTemplateError, DataError
 from medcare_dist.data.batching import collate, plan_global_batches
-from medcare_dist.data.dataset import (MANIFEST_NAME, DataError, build_dataset, load_dataset_for_training, normalize_record, preprocess,
+from medcare_dist.data.dataset import (MANIFEST_NAME, build_dataset, load_dataset_for_training, normalize_record, preprocess,
                                read_records)
 from medcare_dist.tools.tiny import DEFAULT_SYSTEM_PROMPT, build_tokenizer
 

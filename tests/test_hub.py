@@ -8,7 +8,8 @@ import time
 import pytest
 
 from medcare_dist.artefacts import hub
-from medcare_dist.artefacts.hub import ModelSource, ModelSourceError, locate, resolve_model
+from medcare_dist.artefacts.hub import ModelSource, locate, resolve_model
+from medcare_dist.errors import ModelSourceError
 
 from conftest import layout_hub_cache
 

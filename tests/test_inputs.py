@@ -62,7 +62,8 @@ def test_hub_name_not_in_the_offline_cache(monkeypatch, capsys, tmp_path):
 def test_tokenizer_without_pad_token_falls_back_to_eos_and_without_either_is_refused(model_copy):
     from transformers import AutoTokenizer
 
-    from medcare_dist.data.chat import ChatTemplateError, pad_token_id
+    from medcare_dist.data.chat import pad_token_id
+    from medcare_dist.errors import ChatTemplateError
 
     config = json.loads((model_copy / "tokenizer_config.json").read_text())
     config.pop("pad_token", None)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import write_stage1_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
 from medcare_dist.artefacts.hf_model import load_frozen_base
-from medcare_dist.training.lm_loss import orthogonal_penalty
+from medcare_dist.method.stage2 import orthogonal_penalty
 from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE, read_manifest, record_files, write_manifest
 from medcare_dist.artefacts.stage2_base import prepare_stage2
 from medcare_dist.method.stage1 import stage1_adapters

@@ -16,7 +16,8 @@ from medcare_dist.config import TrainConfig
 from medcare_dist.data.batching import collate
 from medcare_dist.data.dataset import build_dataset
 from medcare_dist.artefacts.hf_model import load_frozen_base
-from medcare_dist.training.lm_loss import causal_lm_loss_sum, orthogonal_penalty
+from medcare_dist.method.stage2 import orthogonal_penalty
+from medcare_dist.training.lm_loss import causal_lm_loss_sum
 from medcare_dist.artefacts.stage2_base import prepare_stage2
 from medcare_dist.artefacts.stage2_base import adapters_on_stage2_base
 

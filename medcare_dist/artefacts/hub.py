@@ -21,15 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from medcare_dist.errors import MedcareError
+from medcare_dist.errors import ModelSourceError
 
 # What a model needs, and nothing pickled: configs, tokenizer files, chat templates, safetensors.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "tokenizer*"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-
-
-class ModelSourceError(MedcareError):
-    """A model name that is neither a local directory nor a usable hub repository."""
 
 
 @dataclass(frozen=True)

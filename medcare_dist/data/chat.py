@@ -25,15 +25,11 @@ import hashlib
 import json
 import re
 
-from medcare_dist.errors import MedcareError
+from medcare_dist.errors import ChatTemplateError
 
 IGNORE_INDEX = -100
 _LITERAL = "\ue000{}\ue001"  # stands for a piece of message text that must stay plain text
 _LITERAL_RE = re.compile("\ue000(\\d+)\ue001")
-
-
-class ChatTemplateError(MedcareError):
-    """The tokenizer has no vocabulary or chat template, or its template hides an assistant reply."""
 
 
 def check_tokenizer(tokenizer) -> None:

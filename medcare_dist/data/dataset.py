@@ -21,15 +21,15 @@ from typing import Any, Callable, Iterator, Sequence
 import datasets
 
 from medcare_dist.files import require_empty_dir, stream_sha256
-from medcare_dist.data.chat import (ChatTemplateError, check_tokenizer, control_token_strings, find_control_token,
+from medcare_dist.data.chat import (check_tokenizer, control_token_strings, find_control_token,
                    tokenize_conversation, tokenizer_fingerprint)
-from medcare_dist.errors import InputNotFoundError, MedcareError
+from medcare_dist.config import choices
+from medcare_dist.errors import ChatTemplateError, DataError, InputNotFoundError, location
 
 MANIFEST_NAME = "medcare_data.json"
 MANIFEST_FORMAT = "medcare_dist.data.dataset/2"  # 2: control-token text checked, replies located in the whole rendering
 DATASET_SUBDIR = "tokenized"
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
-CONTROL_TOKEN_MODES = ("error", "as_text")
 
 # Per record shape: the conversation key, the role key, the content key, role names.
 SHAPES = {
@@ -46,28 +46,6 @@ FEATURES = datasets.Features(
         "truncated": datasets.Value("bool"),
     }
 )
-
-
-def location(path: str | Path | None, index: int | None = None, line: int | None = None) -> str:
-    """'FILE: record I (line L)', or as much of it as is known."""
-    where = [str(path)] if path is not None else []
-    if index is not None:
-        where.append(f"record {index}" + (f" (line {line})" if line is not None else ""))
-    return ": ".join(where)
-
-
-class DataError(MedcareError):
-    """A data file or one of its records is unusable; the message says where and why."""
-
-    def __init__(self, reason: str, path: str | Path | None = None, index: int | None = None,
-                 line: int | None = None):
-        self.reason, self.path, self.index, self.line = reason, path, index, line
-        where = location(path, index, line)
-        super().__init__(f"{where}: {reason}" if where else reason)
-
-    def at(self, path: str | Path, index: int, line: int | None = None) -> "DataError":
-        """The same reason, located in a file."""
-        return DataError(self.reason, path, index, line)
 
 
 @dataclass
@@ -222,13 +200,13 @@ def _json_array(path: Path) -> list:
 
 
 def _check_on_bad_record(on_bad_record: str) -> None:
-    if on_bad_record not in ("error", "skip"):
-        raise ValueError(f"on_bad_record must be 'error' or 'skip', not {on_bad_record!r}")
+    if on_bad_record not in choices("on_bad_record"):
+        raise ValueError(f"on_bad_record must be one of {', '.join(choices('on_bad_record'))}, not {on_bad_record!r}")
 
 
 def _check_control_tokens(mode: str) -> None:
-    if mode not in CONTROL_TOKEN_MODES:
-        raise ValueError(f"control_tokens must be one of {', '.join(CONTROL_TOKEN_MODES)}, not {mode!r}")
+    if mode not in choices("control_tokens"):
+        raise ValueError(f"control_tokens must be one of {', '.join(choices('control_tokens'))}, not {mode!r}")
 
 
 # --------------------------------------------------------------------------- datasets

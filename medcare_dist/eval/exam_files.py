@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from medcare_dist.data.dataset import DataError
+from medcare_dist.errors import DataError
 from medcare_dist.errors import InputNotFoundError
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medcare_dist.adapters.adapter_set import lora_pairs
+from medcare_dist.config import choices
 from medcare_dist.adapters.lora import init_lora_a
 
 
@@ -135,8 +136,8 @@ class MoLoRA(nn.Module):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-        if routed_compute not in ("sparse", "dense"):
-            raise ValueError(f"routed_compute must be 'sparse' or 'dense', got {routed_compute!r}")
+        if routed_compute not in choices("routed_compute"):
+            raise ValueError(f"routed_compute must be one of {', '.join(choices('routed_compute'))}, got {routed_compute!r}")
         self.rank, self.shared_rank = rank, shared_rank
         self.num_experts, self.top_k, self.scale = num_experts, top_k, scale
         self.routed_compute = routed_compute

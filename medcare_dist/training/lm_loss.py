@@ -1,4 +1,4 @@
-"""The loss terms of MedCare, as plain functions of tensors and models.
+"""The language-model loss of a training step (the stage-specific terms: method/).
 
 The LM loss has two implementations with the same value and gradient:
 
@@ -16,10 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medcare_dist.adapters.adapter_set import AdapterSet
+from medcare_dist.config import choices
 from medcare_dist.data.chat import IGNORE_INDEX
 
-LM_LOSS_IMPLS = ("chunked", "full", "liger")
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -92,8 +91,8 @@ def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tens
     """
     if impl == "full":
         return causal_lm_loss_sum(model(**inputs).logits, labels)
-    if impl not in LM_LOSS_IMPLS:
-        raise ValueError(f"lm_loss must be one of {', '.join(LM_LOSS_IMPLS)}, not {impl!r}")
+    if impl not in choices("lm_loss"):
+        raise ValueError(f"lm_loss must be one of {', '.join(choices('lm_loss'))}, not {impl!r}")
     if getattr(model.config, "final_logit_softcapping", None):
         raise ValueError(f"{type(model).__name__} soft-caps its logits: use lm_loss 'full'")
     head = model.get_output_embeddings()
@@ -129,14 +128,3 @@ def _liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not hidden.is_cuda:
         raise ValueError("lm_loss 'liger' runs on CUDA only; use 'chunked' on this device")
     return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def orthogonal_penalty(adapters: AdapterSet) -> torch.Tensor:
-    """sum over projections with both adapters of sum(|A_know @ A_align^T|).
-
-    A local expression on this rank's full copies of the adapters: no collective in the
-    forward or the backward, and an exact gradient (the adapters are never ZeRO-partitioned).
-    """
-    knowledge = {target: a for _, target, a in adapters.items("knowledge")}
-    terms = [(knowledge[t].lora_A @ a.lora_A.T).abs().sum() for _, t, a in adapters.items("alignment") if t in knowledge]
-    return torch.stack(terms).sum()

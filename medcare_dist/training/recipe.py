@@ -17,7 +17,7 @@ from medcare_dist.adapters.adapter_set import AdapterSet, adapter_compute_dtype
 from medcare_dist.artefacts.manifest import base_fingerprint, base_record, versions
 from medcare_dist.files import require_output_dir
 from medcare_dist.artefacts.checkpoint import check_output_dir
-from medcare_dist.config import TrainConfig, load_config, parse_overrides
+from medcare_dist.config import TrainConfig, load_config, options_help, parse_overrides
 from medcare_dist.errors import ConfigError, MedcareError
 from medcare_dist.data.chat import pad_token_id
 from medcare_dist.artefacts.hf_io import check_model_dir
@@ -33,6 +33,11 @@ def config_from_argv(argv: list[str], stage: int) -> TrainConfig:
     """`--config FILE` plus `--key value` overrides. The `--local_rank` argument that the
     deepspeed runner appends is ignored: LOCAL_RANK in the environment says the same."""
     args = without_local_rank(argv)
+    if "--help" in args or "-h" in args:
+        print(f"usage: deepspeed launch/stage{stage}.py [--config FILE.yaml] [--option value ...]\n\n"
+              "Options come from the YAML file and the command line (which wins); lists take several values.\n")
+        print(options_help(stage))
+        raise SystemExit(0)
     config_path = None
     if "--config" in args:
         i = args.index("--config")

@@ -36,7 +36,7 @@ from medcare_dist.artefacts.checkpoint import TrainState, clear_previous_run, lo
 from medcare_dist.config import ConfigError, TrainConfig
 from medcare_dist.data.batching import collate, collate_packed, pieces_for_rank, plan_global_batches, split_global_batch
 from medcare_dist.data.chat import IGNORE_INDEX
-from medcare_dist.data.dataset import DataError
+from medcare_dist.errors import DataError
 from medcare_dist.dist.grad_buckets import GradientBuckets
 from medcare_dist.dist.rank_env import World
 from medcare_dist.training.lm_loss import model_lm_loss_sum
