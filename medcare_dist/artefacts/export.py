@@ -7,7 +7,6 @@ shard; hf_io.py): nothing here imports the training stack.
   LoRAs with the same scale on the same layer are one LoRA of the summed rank:
   [B_k B_a] @ [A_k; A_a] = B_k A_k + B_a A_a. On a stage-1 checkpoint: the attention LoRA as
   a PEFT adapter on the original base, and the mixture-of-LoRA weights in `molora.safetensors`.
-- `merge_into_base`: the one streaming merge that export and prepare-stage2 (stage2_base.py) run.
 
 The layouts written are described in docs/export.md.
 """
@@ -21,45 +20,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from medcare_dist.adapters.lora import LoRA, lora_scale, merge_delta
-from medcare_dist.artefacts.hf_io import ShardedWriter, copy_side_files, iter_tensors, parse_size
+from medcare_dist.adapters.lora import LoRA, lora_scale
+from medcare_dist.artefacts.hf_io import merge_into_base
 from medcare_dist.artefacts.manifest import (
     ADAPTERS_FILE, STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, artefact_kind, base_model_dir, checkpoint_config, read_manifest,
     verify_artefact, versions,
 )
+from medcare_dist.artefacts.stage2_base import read_knowledge
 from medcare_dist.errors import CheckpointError
 from medcare_dist.files import require_empty_dir
 from medcare_dist.method import stage2
 from medcare_dist.method.stage1 import ATTENTION, MOLORA
 
+MOLORA_FILE = "molora.safetensors"  # a stage-1 adapter export's mixture-of-LoRA weights
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def merge_into_base(base_dir: Path, out: Path, deltas: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], scale: float,
-                    max_shard_size: str, dtype: torch.dtype | None = None) -> tuple[int, list[Path]]:
-    """Write base_dir's weights to `out` with W += scale * sum(B @ A) for every target in
-    `deltas` ({target: [(A, B), ...]}), merged in fp32, then cast to `dtype` (floating tensors;
-    None: each keeps its own dtype); plus the side files. Returns (merged count, shards)."""
-    writer = ShardedWriter(out, parse_size(max_shard_size))
-    merged = 0
-    for name, tensor in iter_tensors(base_dir):
-        pairs = deltas.get(name[: -len(".weight")]) if name.endswith(".weight") else None
-        if pairs:
-            weight = tensor.to(torch.float32, copy=True)
-            for a, b in pairs:
-                merge_delta(weight, a, b, scale)
-            tensor = weight if dtype is not None else weight.to(tensor.dtype)
-            merged += 1
-        writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
-    shards = writer.close()
-    copy_side_files(base_dir, out)
-    return merged, shards
 
 
 def stage2_deltas(checkpoint: Path) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], float]:
     """{target: [(A, B), ...]} of every stage-2 LoRA, and their common scale."""
-    base_manifest = read_manifest(base_model_dir(read_manifest(checkpoint)))
-    return stage2.merge_pairs(load_file(str(checkpoint / ADAPTERS_FILE))), base_manifest["knowledge"]["scale"]
+    scale = read_knowledge(base_model_dir(read_manifest(checkpoint))).scale
+    return stage2.merge_pairs(load_file(str(checkpoint / ADAPTERS_FILE))), scale
 
 
 def _require(checkpoint: Path, kinds: tuple[str, ...], what: str) -> str:
@@ -155,7 +135,7 @@ def export_adapter(checkpoint: str | Path, out_dir: str | Path, log=print) -> Pa
     scale = lora_scale(cfg.lora_alpha, cfg.lora_r, cfg.use_rslora)
     _write_peft(out, LoRA.pairs(adapters, ATTENTION), scale, cfg.model)
     molora = {k[len(MOLORA) + 1:]: v for k, v in adapters.items() if k.startswith(f"{MOLORA}.")}
-    save_file(molora, str(out / "molora.safetensors"), metadata={
+    save_file(molora, str(out / MOLORA_FILE), metadata={
         "format": "medcare_dist.molora/1", "num_experts": str(cfg.num_experts), "top_k": str(cfg.top_k),
         "rank": str(cfg.lora_r), "shared_rank": str(cfg.lora_r * cfg.num_shared), "scale": str(scale),
     })

@@ -3,7 +3,8 @@
 A 14B base is ~28 GB in bf16; the conversion commands (prepare-stage2, export) must run on a
 CPU box without holding it in memory. Tensors are read one at a time from their shard
 (`safe_open`, memory-mapped) and written into output shards of bounded size, so peak memory
-is about one output shard plus one tensor.
+is about one output shard plus one tensor. `merge_into_base` is the one streaming merge that
+prepare-stage2 and export run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from medcare_dist.adapters.lora import merge_delta
 from medcare_dist.errors import CheckpointError, InputNotFoundError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -141,3 +143,24 @@ def copy_side_files(src: Path, dst: Path) -> None:
     for name in SIDE_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
+
+
+def merge_into_base(base_dir: Path, out: Path, deltas: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], scale: float,
+                    max_shard_size: str, dtype: torch.dtype | None = None) -> tuple[int, list[Path]]:
+    """Write base_dir's weights to `out` with W += scale * sum(B @ A) for every target in
+    `deltas` ({target: [(A, B), ...]}), merged in fp32, then cast to `dtype` (floating tensors;
+    None: each keeps its own dtype); plus the side files. Returns (merged count, shards)."""
+    writer = ShardedWriter(out, parse_size(max_shard_size))
+    merged = 0
+    for name, tensor in iter_tensors(base_dir):
+        pairs = deltas.get(name[: -len(".weight")]) if name.endswith(".weight") else None
+        if pairs:
+            weight = tensor.to(torch.float32, copy=True)
+            for a, b in pairs:
+                merge_delta(weight, a, b, scale)
+            tensor = weight if dtype is not None else weight.to(tensor.dtype)
+            merged += 1
+        writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+    shards = writer.close()
+    copy_side_files(base_dir, out)
+    return merged, shards

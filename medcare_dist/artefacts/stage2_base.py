@@ -6,7 +6,7 @@
                                                         digests, rank and scale of the knowledge adapter
 
 What goes where between the stages is the method's (`method.stage1.split_for_stage2`); this
-module writes and reads the result. Streamed tensor by tensor on CPU (export.merge_into_base).
+module writes and reads the result. Streamed tensor by tensor on CPU (hf_io.merge_into_base).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from medcare_dist.adapters.lora import LoRA, lora_scale
 from medcare_dist.adapters.adapter_set import AdapterSet
-from medcare_dist.artefacts.export import merge_into_base
-from medcare_dist.artefacts.hf_io import weight_files
+from medcare_dist.artefacts.hf_io import merge_into_base, weight_files
 from medcare_dist.artefacts.manifest import (
     ADAPTERS_FILE, HF_MODEL, KNOWLEDGE_FILE, STAGE1_CHECKPOINT, STAGE2_BASE, artefact_kind, base_fingerprint, base_model_dir,
     checkpoint_config, new_manifest, read_manifest, record_files, verify_artefact, versions, write_manifest,

@@ -12,6 +12,7 @@ import torch
 def check_model_args(model_path: str | None, adapter: str | None) -> tuple[str, str]:
     """(the model dir or hub name to load, its kind) from --model / --adapter; raises before
     any loading when a path is missing or the pair cannot work."""
+    from medcare_dist.artefacts.export import MOLORA_FILE
     from medcare_dist.artefacts.manifest import HF_MODEL, STAGE2_BASE, artefact_kind
     from medcare_dist.errors import CheckpointError, ConfigError, InputNotFoundError
 
@@ -19,7 +20,7 @@ def check_model_args(model_path: str | None, adapter: str | None) -> tuple[str, 
         config_file = Path(adapter) / "adapter_config.json"
         if not config_file.is_file():
             raise InputNotFoundError(f"--adapter {adapter}: no adapter_config.json (not a PEFT adapter directory)")
-        if (Path(adapter) / "molora.safetensors").exists():
+        if (Path(adapter) / MOLORA_FILE).exists():
             raise CheckpointError(f"--adapter {adapter} is a stage-1 export: PEFT cannot load its mixture of LoRA experts "
                              "(molora.safetensors); evaluate the stage-1 checkpoint itself with --model")
         model_path = model_path or json.loads(config_file.read_text()).get("base_model_name_or_path")
