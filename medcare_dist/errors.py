@@ -83,17 +83,3 @@ class DataError(MedcareError):
     def at(self, path: str | Path, index: int, line: int | None = None) -> "DataError":
         """The same reason, located in a file."""
         return DataError(self.reason, path, index, line)
-
-
-class DataError(MedcareError):
-    """A data file or one of its records is unusable; the message says where and why."""
-
-    def __init__(self, reason: str, path: str | Path | None = None, index: int | None = None,
-                 line: int | None = None):
-        self.reason, self.path, self.index, self.line = reason, path, index, line
-        where = location(path, index, line)
-        super().__init__(f"{where}: {reason}" if where else reason)
-
-    def at(self, path: str | Path, index: int, line: int | None = None) -> "DataError":
-        """The same reason, located in a file."""
-        return DataError(self.reason, path, index, line)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import SAMPLE
+from helpers import SAMPLE
 
 STAGE1 = [sys.argv[0], "--data", str(SAMPLE / "stage1.jsonl"), "--max_steps", "1", "--global_batch_size", "2",
           "--micro_batch_size", "1", "--max_length", "128"]

@@ -4,17 +4,8 @@ import pytest
 import torch
 
 from medcare_dist.training.lm_loss import ChunkedLinearCrossEntropy, model_lm_loss_sum
-from test_model import stage1_model
 
-
-def assert_relative_close(got, want, tol, name):
-    """fp32 sums in another order: compare as whole tensors (elementwise tolerances trip on near-zero entries)."""
-    err = float((got - want).norm() / want.norm().clamp(min=1e-30))
-    assert err <= tol, f"{name}: relative difference {err:.2e}"
-
-
-def adapter_grads(adapters):
-    return {n: p.grad.clone() for n, p in adapters.named_parameters() if p.grad is not None}
+from helpers import adapter_grads, assert_relative_close, assert_same_loss_and_gradients, stage1_model
 
 
 @pytest.mark.parametrize("chunk_tokens", [7, 4096])
@@ -35,15 +26,6 @@ def test_chunked_loss_and_every_adapter_gradient_equal_the_full_logits_ones(tiny
         loss.backward()
         results.append((loss.detach(), adapter_grads(adapters)))
     assert_same_loss_and_gradients(results, adapters, loss_rtol=1e-6, grad_rtol=1e-5)
-
-
-def assert_same_loss_and_gradients(results, adapters, loss_rtol: float, grad_rtol: float) -> None:
-    """results: [(loss, {name: grad}), (loss, {name: grad})] of two ways to compute the same thing."""
-    (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, rtol=loss_rtol, atol=1e-5)
-    assert want_grads.keys() == got_grads.keys() and len(want_grads) == len(list(adapters.parameters()))
-    for name, grad in want_grads.items():
-        assert_relative_close(got_grads[name], grad, grad_rtol, name)
 
 
 def test_chunked_cross_entropy_against_torch_on_random_tensors():

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import write_stage1_checkpoint, write_stage2_checkpoint
+from helpers import write_stage1_checkpoint, write_stage2_checkpoint
 from medcare_dist.artefacts.export import export_adapter, export_merged
 from medcare_dist.artefacts.stage2_base import prepare_stage2
 from medcare_dist.artefacts.loading import load_trained_model

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import SAMPLE
+from helpers import SAMPLE
 from medcare_dist.adapters.adapter_set import adapter_compute_dtype
 from medcare_dist.config import TrainConfig
 from medcare_dist.data.batching import collate

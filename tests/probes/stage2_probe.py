@@ -22,7 +22,7 @@ import torch.distributed
 import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 from safetensors.torch import save_file
 
-from collectives import CollectivePatch  # tests/dist, the script's own directory
+from collectives import CollectivePatch  # tests/probes, the script's own directory
 
 from medcare_dist.data.batching import plan_global_batches
 from medcare_dist.training.recipe import build_trainer, config_from_argv

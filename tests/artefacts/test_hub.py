@@ -11,7 +11,7 @@ from medcare_dist.artefacts import hub
 from medcare_dist.artefacts.hub import ModelSource, locate, resolve_model
 from medcare_dist.errors import ModelSourceError
 
-from conftest import layout_hub_cache
+from helpers import layout_hub_cache
 
 
 @pytest.fixture

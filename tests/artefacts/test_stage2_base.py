@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_stage1_checkpoint
+from helpers import write_stage1_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
 from medcare_dist.artefacts.hf_model import load_frozen_base
 from medcare_dist.method.stage2 import orthogonal_penalty

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from helpers import PROBES, REPO
 from medcare_dist.config import ConfigError
 from medcare_dist.dist.node_local import resolve_hpz
 
-_spec = importlib.util.spec_from_file_location("node_local_probe", REPO / "tests" / "dist" / "node_local_probe.py")
+_spec = importlib.util.spec_from_file_location("node_local_probe", PROBES / "node_local_probe.py")
 probe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(probe)
 

@@ -21,6 +21,8 @@ from medcare_dist.data.dataset import (MANIFEST_NAME, build_dataset, load_datase
                                read_records)
 from medcare_dist.tools.tiny import DEFAULT_SYSTEM_PROMPT, build_tokenizer
 
+from helpers import REPO, write_jsonl
+
 SYSTEM = "You are a careful medical assistant."
 
 
@@ -52,9 +54,6 @@ CHINESE = [
 GOOD = [SINGLE, MULTI, CHINESE]
 
 
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -329,7 +328,7 @@ def test_stage1_launcher_fails_before_the_process_group_on_nothing_to_train(tmp_
     cmd = [sys.executable, "launch/stage1.py", "--model", str(tiny_model_dir), "--data", str(long_prompt),
            "--max_length", "32", "--output_dir", str(tmp_path / "run"), "--global_batch_size", "2"]
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "stage 1: error: all 3 records lost every trained token at max_length 32: the prompts are longer; raise max_length")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HUB_REPO, HUB_REVISION
+from helpers import HUB_REPO, HUB_REVISION
 
 
 pytestmark = pytest.mark.distributed

@@ -9,22 +9,7 @@ from medcare_dist.training.zero3 import enable_activation_checkpointing
 from medcare_dist.method.stage1 import stage1_adapters
 from medcare_dist.training.lm_loss import causal_lm_loss_sum
 
-
-def stage1_model(model_dir, grad_checkpointing: bool):
-    cfg = TrainConfig(model=str(model_dir), data=["x"], num_experts=4, top_k=2, lora_r=4, lora_dropout=0.1)
-    model = load_frozen_base(str(model_dir), None, torch.float32)
-    if grad_checkpointing:
-        enable_activation_checkpointing(model)
-    model.train()
-    torch.manual_seed(0)
-    adapters = stage1_adapters(model, cfg)
-    with torch.no_grad():  # B=0 at init would make most gradients trivially equal
-        for name, p in adapters.named_parameters():
-            if name.endswith(("lora_B", "ka_B", "na_B")):
-                p.normal_(std=0.02)
-    adapters.attach(model)
-    adapters.train()
-    return model, adapters
+from helpers import stage1_model
 
 
 def test_adapters_target_every_projection_and_base_is_frozen(tiny_model_dir):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE, run_launcher
+from helpers import REPO, SAMPLE, free_port, run_launcher
 from medcare_dist.artefacts import checkpoint as ckpt_mod
 from medcare_dist.artefacts.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 
@@ -46,7 +46,7 @@ def final_adapters(out):
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, uneven_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, 29641), out.parent / "uninterrupted.log")
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port()), out.parent / "uninterrupted.log")
     return out
 
 
@@ -70,7 +70,7 @@ def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(unint
     out = tmp_path / "killed"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(stage1_cmd(tiny_model_dir, uneven_data, out, 2, 29642), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port()), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
         try:
             wait_for_step(out / "metrics.jsonl", kill_step, proc, time.time() + 300)
@@ -79,7 +79,7 @@ def test_sigkill_then_resume_auto_is_bitwise_equal_to_an_uninterrupted_run(unint
             proc.wait()
     assert not (out / f"checkpoint-{STEPS}").exists(), f"killed at step {kill_step} (seed {seed}) too late"
     assert find_resume_checkpoint(out, "auto").name in ("checkpoint-4", "checkpoint-8")
-    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, 29643, "--resume", "auto"), tmp_path / "resumed.log")
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port(), "--resume", "auto"), tmp_path / "resumed.log")
     assert "resumed from" in (tmp_path / "resumed.log").read_text()
     want, got = final_adapters(uninterrupted), final_adapters(out)
     assert want.keys() == got.keys()
@@ -94,12 +94,12 @@ def test_resume_two_ranks_to_one_then_one_to_two_matches_the_uninterrupted_run(u
     one.mkdir()
     two.mkdir()
     shutil.copytree(uninterrupted / "checkpoint-8", one / "checkpoint-8")
-    cmd = stage1_cmd(tiny_model_dir, uneven_data, one, 1, 29644, "--resume", "auto")
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, one, 1, free_port(), "--resume", "auto")
     cmd[cmd.index("--save_every") + 1] = "2"  # an option is given once
     run_launcher(cmd, tmp_path / "one_rank.log")  # steps 9-12 on one rank; step 12 is the epoch's short batch
     assert "saved by 2 rank(s), now 1" in (tmp_path / "one_rank.log").read_text()
     shutil.copytree(one / "checkpoint-10", two / "checkpoint-10")  # steps 9-10 were trained on one rank
-    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, two, 2, 29645, "--resume", "auto"), tmp_path / "two_ranks.log")
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, two, 2, free_port(), "--resume", "auto"), tmp_path / "two_ranks.log")
     assert "saved by 1 rank(s), now 2" in (tmp_path / "two_ranks.log").read_text()
     want = final_adapters(uninterrupted)
     for label, out in (("2 -> 1", one), ("2 -> 1 -> 2", two)):
@@ -142,7 +142,7 @@ def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_
 
     out = tmp_path / "older"
     shutil.copytree(uninterrupted, out)
-    cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 1, 29646, "--resume", str(out / "checkpoint-8"), "--resume_override",
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 1, free_port(), "--resume", str(out / "checkpoint-8"), "--resume_override",
                      "lr,max_steps")
     cmd[cmd.index("--lr") + 1], cmd[cmd.index("--max_steps") + 1] = "1e-3", "14"
     run_launcher(cmd, tmp_path / "older.log")

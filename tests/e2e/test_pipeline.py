@@ -8,7 +8,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE, run_launcher
+from helpers import REPO, SAMPLE, free_port, run_launcher
 
 pytestmark = pytest.mark.distributed
 
@@ -33,7 +33,7 @@ def run_stage2(stage2_base, out, ortho_lambda, port):
 @pytest.fixture(scope="module")
 def stage2_runs(stage2_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
-    return {lam: (root / f"lambda{lam}", run_stage2(stage2_base, root / f"lambda{lam}", lam, 29621 + lam)) for lam in (1, 0)}
+    return {lam: (root / f"lambda{lam}", run_stage2(stage2_base, root / f"lambda{lam}", lam, free_port())) for lam in (1, 0)}
 
 
 def test_stage2_lm_loss_falls_and_loss_is_logged_in_two_parts(stage2_runs):

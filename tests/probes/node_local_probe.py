@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the shared helpers
+from helpers import free_port  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
 from collectives import CollectivePatch  # noqa: E402
@@ -166,12 +168,6 @@ def probe_main(argv: list[str]) -> None:
 # ---------------------------------------------------------------------------------------
 # Starting the simulated nodes (run outside the launcher)
 # ---------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def stage1_args(model: str, ds_config: Path, out: Path, world: int) -> list[str]:
     """A short stage-1 run on the sample data: one micro-batch of 2 records per rank per step."""

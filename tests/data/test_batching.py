@@ -10,8 +10,7 @@ from hypothesis import strategies as st
 from medcare_dist.data.batching import collate, collate_packed, pack_by_tokens, pieces_for_rank, split_global_batch
 from medcare_dist.training.lm_loss import model_lm_loss_sum
 from medcare_dist.training.trainer import packing_is_exact
-from test_losses import adapter_grads, assert_same_loss_and_gradients
-from test_model import stage1_model
+from helpers import adapter_grads, assert_same_loss_and_gradients, stage1_model
 
 
 @settings(max_examples=150, deadline=None)

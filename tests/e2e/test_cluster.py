@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, SAMPLE
+from helpers import REPO, SAMPLE, free_port
 
 TIMEOUT_MINUTES = 1.0  # the collective timeout the kill tests run under
 MARGIN_S = 30  # what "within the timeout" may add for process teardown
@@ -57,10 +57,6 @@ def launch_env(**extra) -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], log: Path, **env) -> subprocess.Popen:

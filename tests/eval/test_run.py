@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import SAMPLE, run_launcher, write_stage1_checkpoint, write_stage2_checkpoint
+from helpers import SAMPLE, free_port, run_launcher, write_stage1_checkpoint, write_stage2_checkpoint
 from medcare_dist.eval import run as ev
 from medcare_dist.artefacts.loading import load_trained_model
 from medcare_dist.eval.exam_files import ExamRecord, read_eval_file
@@ -363,7 +363,7 @@ def test_two_rank_eval_equals_one_rank_and_resumes_across_world_sizes(tiny_model
     shutil.copytree(tmp_path / "rec1", tmp_path / "rec2")
     part = tmp_path / "rec2" / "00-exam.part0.jsonl"
     part.write_text("".join(part.read_text().splitlines(keepends=True)[:5]))
-    run_launcher(["deepspeed", "--num_gpus", "2", "--master_port", "29741", "--module", "medcare_dist", *args,
+    run_launcher(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "medcare_dist", *args,
                   "--out", str(tmp_path / "two.json"), "--records", str(tmp_path / "rec2")], tmp_path / "two.log")
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert (two["world_size"], one["world_size"]) == (2, 1)

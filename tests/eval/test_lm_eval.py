@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE, write_stage1_checkpoint, write_stage2_checkpoint
+from helpers import REPO, SAMPLE, write_stage1_checkpoint, write_stage2_checkpoint
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'medcare-dist[lm-eval]')")
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SAMPLE, write_stage1_checkpoint, write_stage2_checkpoint
+from helpers import REPO, SAMPLE, free_port, write_stage1_checkpoint, write_stage2_checkpoint
 from medcare_dist import files
 from medcare_dist.artefacts import manifest as artefacts
 from medcare_dist.artefacts.manifest import base_fingerprint
@@ -35,10 +35,6 @@ from medcare_dist.training.trainer import grad_scaler, optimizer_step
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stage1(model_dir, out, *extra, timeout=120):
@@ -263,7 +259,7 @@ def test_ranks_that_see_different_checkpoints_refuse_to_resume(tmp_path):
 
     def run(dirs):
         port = free_port()
-        procs = [subprocess.Popen([sys.executable, "tests/dist/resume_agreement_probe.py", *map(str, dirs)], cwd=REPO,
+        procs = [subprocess.Popen([sys.executable, "tests/probes/resume_agreement_probe.py", *map(str, dirs)], cwd=REPO,
                                   env={**ENV, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
         return [p.communicate(timeout=120)[0] for p in procs]
@@ -372,7 +368,7 @@ def test_fp16_on_cpu_is_refused_in_one_line_before_loading(tiny_model_dir, tmp_p
 def test_a_stopped_rank_is_named_within_the_heartbeat_limit(stopped):
     port = free_port()
     env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "MEDCARE_UNRESPONSIVE_S": "3"}
-    procs = [subprocess.Popen([sys.executable, "tests/dist/liveness_probe.py", str(stopped)], cwd=REPO, env={**env, "RANK": str(r)},
+    procs = [subprocess.Popen([sys.executable, "tests/probes/liveness_probe.py", str(stopped)], cwd=REPO, env={**env, "RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     survivor, victim = procs[1 - stopped], procs[stopped]
     try:
@@ -479,7 +475,7 @@ def test_an_artefact_of_an_earlier_version_is_checked_by_its_own_fingerprint_sch
     config, weight names and sizes) still passes on its unchanged base, and fails on a changed one."""
     import hashlib
 
-    from conftest import write_stage1_checkpoint
+    from helpers import write_stage1_checkpoint
     from medcare_dist.artefacts.manifest import MANIFEST_FILE, check_base
 
     base = shutil.copytree(tiny_model_dir, tmp_path / "base")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, run_launcher, write_stage1_checkpoint
+from helpers import SAMPLE, assert_relative_close, free_port, run_launcher, write_stage1_checkpoint
 from medcare_dist.config import TrainConfig
 from medcare_dist.data.batching import collate
 from medcare_dist.data.dataset import build_dataset
@@ -27,7 +27,7 @@ MEDIUM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num
 # Small prefetch, live-parameter and reuse-distance limits, so that what ZeRO-3 holds gathered
 # at a time is a layer or two. With the production values (reuse distance 1e9 elements, sized
 # for multi-billion models) it keeps this whole small model gathered between forward and backward.
-DS_CONFIG = "tests/dist/zero3_small_buckets.json"
+DS_CONFIG = "tests/probes/zero3_small_buckets.json"
 ARGS = ["--ds_config", DS_CONFIG, "--lora_dropout", "0", "--global_batch_size", "8", "--micro_batch_size", "1", "--max_length", "64", "--ortho_lambda", "1.0",
         "--packing", "on",  # packed rows (one record each at this length) and the chunked loss; the reference pads, full logits
         "--grad_bucket_mb", "1"]  # ~1.1 MB of adapter gradients per layer: about one bucket per layer
@@ -55,7 +55,7 @@ def medium_stage2_base(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def probe(medium_stage2_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29613", "tests/dist/stage2_probe.py",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "tests/probes/stage2_probe.py",
            "--model", str(medium_stage2_base), "--data", str(SAMPLE / "stage2.jsonl"),
            "--output_dir", str(out / "run"), "--probe_out", str(out), *ARGS]
     # A fixed mmap threshold makes glibc return large freed blocks to the OS at once, so the
@@ -92,11 +92,6 @@ def single_process_gradients(stage2_base, initial, global_batches):
     return grads
 
 
-def assert_relative_close(got, want, what):
-    err = float((got - want).norm() / want.norm().clamp(min=1e-30))
-    assert err <= 1e-5, f"{what}: relative error {err:.2e}"
-
-
 def test_orthogonal_gradient_under_zero3_equals_single_process(probe, medium_stage2_base):
     out, reports, grads = probe
     initial = load_file(str(out / "initial_rank0.safetensors"))
@@ -109,9 +104,9 @@ def test_orthogonal_gradient_under_zero3_equals_single_process(probe, medium_sta
     for rank in (0, 1):
         for name in names:
             if "lora_A" in name:  # the orthogonal term depends on the A matrices only
-                assert_relative_close(grads[rank][f"ortho.{name}"], ortho_ref[name], f"rank {rank} ortho grad {name}")
-            assert_relative_close(grads[rank][f"step.{name}"], step_ref[name], f"rank {rank} step grad {name}")
-            assert_relative_close(grads[rank][f"short.{name}"], short_ref[name], f"rank {rank} checkpointed short-batch grad {name}")
+                assert_relative_close(grads[rank][f"ortho.{name}"], ortho_ref[name], 1e-5, f"rank {rank} ortho grad {name}")
+            assert_relative_close(grads[rank][f"step.{name}"], step_ref[name], 1e-5, f"rank {rank} step grad {name}")
+            assert_relative_close(grads[rank][f"short.{name}"], short_ref[name], 1e-5, f"rank {rank} checkpointed short-batch grad {name}")
 
 
 def test_adapter_gradients_are_all_reduced_in_buckets_while_backward_runs(probe):
