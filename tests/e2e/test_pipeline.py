@@ -58,7 +58,8 @@ def test_frozen_knowledge_adapter_stays_bit_identical(stage2_runs, stage2_base):
             assert trained[f"knowledge.{name}"].equal(tensor), name
         assert any(trained[k].abs().sum() > 0 for k in trained if k.startswith("alignment.") and k.endswith("lora_B"))
     manifest = json.loads((stage2_runs[1][0] / "checkpoint-16" / "manifest.json").read_text())
-    assert manifest["stage"] == 2 and manifest["stage2_base"]["kind"] == "medcare_dist/stage2-base"
+    assert manifest["format"] == "medcare_dist/stage2-checkpoint" and manifest["stage"] == 2
+    assert manifest["stage2_base"]["format"] == "medcare_dist/stage2-base" and manifest["stage2_base"]["format_version"] == 1
 
 
 def test_the_final_model_exports_and_evaluates_and_the_stage1_checkpoint_finds_its_hub_base(stage2_runs, stage1_run, hub_env, tmp_path):
