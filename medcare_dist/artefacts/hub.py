@@ -42,9 +42,6 @@ class ModelSource:
     def from_dict(cls, record: dict) -> "ModelSource":
         return cls(**{key: record.get(key) for key in ("name", "path", "repo_id", "revision")})
 
-    def describe(self) -> str:
-        return f"{self.repo_id}@{self.revision[:12]} ({self.path})" if self.repo_id else self.path
-
 
 def is_hub_id(name: str) -> bool:
     """`org/name` or `org/name@revision` that is not an existing path."""

@@ -45,13 +45,14 @@ import torch
 
 from medcare_dist.eval.exam_files import ExamRecord, read_eval_file
 from medcare_dist.data.batching import collate
-from medcare_dist.data.chat import pad_token_id
+from medcare_dist.data.chat import IGNORE_INDEX, pad_token_id
 from medcare_dist.data.dataset import build_dataset, data_files
 from medcare_dist.errors import ConfigError
 from medcare_dist.eval.records import RecordStore
 from medcare_dist.eval.report import METHODS, average, exam_result, format_table
 from medcare_dist.eval.prompts import ANSWER_PREFIX, answer_sentence, cloze_prompt, exam_prompt, fewshot_examples, parse_answer
-from medcare_dist.eval.scoring import continuation_logprobs, forced_letters, greedy_generate, letter_token_ids, logits_at
+from medcare_dist.eval.scoring import continuation_logprobs, forced_letters, greedy_generate, letter_token_ids
+from medcare_dist.training.lm_loss import model_lm_loss_sum
 
 REPORT_FORMAT = "medcare_dist.eval/2"
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -167,20 +168,15 @@ def evaluate_exam(model, tokenizer, path: Path, fmt: str, records: list[ExamReco
 
 @torch.no_grad()
 def conversation_loss_sum(model, dataset, indices: list[int], pad_id: int, batch_size: int, device) -> tuple[float, int]:
-    """(sum of next-token cross entropy over the trained tokens, their count) for `indices`.
-    Only the hidden states at labelled positions go through the LM head."""
+    """(sum of next-token cross entropy over the trained tokens, their count) for `indices`:
+    the training loss itself (training/lm_loss.py), so eval and training agree by construction."""
     total, tokens = 0.0, 0
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start:start + batch_size]], pad_id)
-        labels = batch["labels"]
-        rows = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
-        targets = [lab[m.bool()] for lab, m in zip(labels, batch["attention_mask"])]
-        # the token at q (labelled) is predicted at q - 1; positions counted in the unpadded row
-        wanted = [[q - 1 for q in range(1, len(t)) if t[q] != -100] for t in targets]
-        for logits, t, w in zip(logits_at(model, rows, wanted, pad_id, device), targets, wanted):
-            gold = t[[q + 1 for q in w]].to(logits.device)
-            total += float(torch.nn.functional.cross_entropy(logits, gold, reduction="sum"))
-            tokens += len(w)
+        labels = batch.pop("labels").to(device)
+        inputs = {k: v.to(device) for k, v in batch.items()}
+        total += float(model_lm_loss_sum(model, inputs, labels))
+        tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
     return total, tokens
 
 
