@@ -5,7 +5,7 @@ on the same simulated nodes, data and seed, in the same run.
     python bench/cross_node_bytes.py [--model DIR] [--nodes 2] [--ranks-per-node 2] [--shipped-buckets]
 
 Each config starts one `deepspeed --no_ssh --node_rank N` runner per simulated node on this
-machine and runs stage 1 through tests/dist/node_local_probe.py, which counts the payload of
+machine and runs stage 1 through tests/probes/node_local_probe.py, which counts the payload of
 every collective per process group (the bytes of the result buffer on a rank: the gathered
 tensor of an all-gather, the reduced tensor of an all-reduce). "Per step" is the mean over the
 optimizer steps after DeepSpeed's first two passes (which also record its module trace).

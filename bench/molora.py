@@ -84,7 +84,7 @@ class Case:
         self.x = torch.randn(args.tokens, d_in, generator=g).to(device, base_dtype).requires_grad_(True)
         self.grad_out = torch.randn(args.tokens, d_out, generator=g).to(device, base_dtype)
         torch.manual_seed(seed)
-        # Adapters stay fp32 (as in training: medcare_dist/adapter_set.py casts x to them).
+        # Adapters stay fp32 (as in training: medcare_dist/adapters/adapter_set.py casts x to them).
         self.layer = MoLoRA(d_in, d_out, args.rank, args.shared_rank, args.experts, args.top_k, scale=2.0, dropout=0.0).to(device)
         with torch.no_grad():  # B starts at zero in training; non-zero here so outputs compare
             self.layer.ka_B.copy_(torch.randn(self.layer.ka_B.shape, generator=g) * 0.01)

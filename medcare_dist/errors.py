@@ -1,6 +1,6 @@
 """The errors a user can cause, under one base.
 
-Both entry points (`medcare-dist ...` in cli.py, `launch/stage*.py` through recipe.py) catch
+Both entry points (`medcare-dist ...` in cli.py, `launch/stage*.py` through training/recipe.py) catch
 `MedcareError` and nothing else: they print its message as one line and exit with status 2.
 Anything else is a bug and keeps its traceback. Each kind names the input at fault:
 

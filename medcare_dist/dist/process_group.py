@@ -1,6 +1,6 @@
 """Process-group setup, failure detection, and the few collectives the trainer needs.
 
-Works under every launcher we support: launchers.py turns what each launcher sets (deepspeed
+Works under every launcher we support: rank_env.py turns what each launcher sets (deepspeed
 runner, torchrun, SLURM, mpirun, none) into RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
 MASTER_PORT; nothing here or elsewhere reads launcher-specific variables.
 
@@ -10,7 +10,7 @@ master reachable from non-zero ranks (`MEDCARE_CONNECT_TIMEOUT` seconds, default
 host that does not answer; "connection refused" is waited for up to the collective timeout,
 since rank 0 may simply not be up yet), and on CUDA a LOCAL_RANK below the GPU count.
 
-After joining, a liveness channel (`medcare_dist/liveness.py`) tells every rank which rank
+After joining, a liveness channel (`medcare_dist/dist/liveness.py`) tells every rank which rank
 died, failed or stopped answering, so that the job ends with a message naming it, instead of
 hanging until the collective timeout. `MEDCARE_LIVENESS=0` turns it off.
 """

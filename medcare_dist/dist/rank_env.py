@@ -12,7 +12,7 @@
 - a single process with none of these is a world of one.
 
 Nothing here imports torch: the sbatch templates call this module before any training import.
-The process group itself, the pre-join checks and the collectives are in distributed.py.
+The process group itself, the pre-join checks and the collectives are in process_group.py.
 """
 
 from __future__ import annotations

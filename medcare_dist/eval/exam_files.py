@@ -17,7 +17,7 @@ Formats, detected from the fields of a file's first record (`detect_format`), or
               MMLU's header-less 6-column rows are read as question, A, B, C, D, answer;
               subject = the file name without _test/_val/_dev (one file per subject)
 
-Files are JSON (an array), JSONL or CSV (Parquet through `data.py`'s reader). A file whose first
+Files are JSON (an array), JSONL or CSV (Parquet through `data/dataset.py`'s reader). A file whose first
 record is a conversation (`conversations` / `messages`) is not an exam (`read_eval_file`).
 A record that does not fit its file's format is a DataError naming file, record and field.
 """

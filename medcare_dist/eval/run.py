@@ -9,7 +9,7 @@ plain base. Each rank loads the whole model (no ZeRO: evaluation holds no optimi
 takes every world_size-th of the records still to do; rows are gathered, so the report does
 not depend on the number of ranks.
 
-Exam files (`benchmarks.py` reads them) are scored by up to three methods, each a prediction
+Exam files (`exam_files.py` reads them) are scored by up to three methods, each a prediction
 per record (a set of letters; correct = exactly the gold set):
 
 - loglik: the log-likelihood of each answer sentence "The answer is X." / "答案为X。" after

@@ -1,0 +1,1 @@
+"""What the MedCare paper defines: the mixture of LoRA experts and its router, router health, the stage objectives, the orthogonality penalty, what passes between the stages. Imports only adapters/."""

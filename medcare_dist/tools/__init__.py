@@ -1,0 +1,1 @@
+"""Commands around training: the memory planner, metrics plots, the built-in tiny model."""

@@ -55,7 +55,7 @@ working memory
                   With --grad_checkpointing (non-reentrant, per decoder layer): each layer keeps only its
                   input (base bytes x h per token), and one layer's full set is live again
                   while it is recomputed in backward.
-                  tests/test_planner.py checks the per-layer figure against the bytes that
+                  tests/tools/test_planner.py checks the per-layer figure against the bytes that
                   autograd actually saves on a small Qwen2 with the real adapters attached.
   reserve         --reserve GiB for the CUDA context, NCCL buffers and allocator fragmentation.
 

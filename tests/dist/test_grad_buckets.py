@@ -1,7 +1,7 @@
 """GradientBuckets in one process, on a real gloo group of world size 1 (an all-reduce there
 is the identity, so the reduced gradients must equal the local ones): bucket assignment, the
 launch order during backward, leftover buckets, accumulation outside the armed backward.
-(Two ranks through the launcher: tests/test_stage2_distributed.py.)"""
+(Two ranks through the launcher: tests/e2e/test_stage2.py.)"""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Run by tests/test_reliability.py (not a pytest file): a world of 2 plain processes
+"""Run by tests/e2e/test_reliability.py (not a pytest file): a world of 2 plain processes
 (torch.distributed over gloo, no DeepSpeed) with the liveness channel. The rank named by
 --stop stops itself with SIGSTOP after joining; the other waits in a barrier, which nothing
 but the liveness channel can end (the collective timeout is 10 minutes)."""

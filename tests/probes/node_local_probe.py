@@ -6,7 +6,7 @@ Two uses:
   payload bytes, forward or not) during one gradient pass and a few optimizer steps, and
   writes per rank into --probe_out: report_rank{R}.json, the summed gradients of the first
   global batch and the adapter weights after the steps;
-- imported (tests/test_node_local.py, bench/cross_node_bytes.py): `run_simulated_nodes`
+- imported (tests/probes/test_node_local.py, bench/cross_node_bytes.py): `run_simulated_nodes`
   starts one `deepspeed --no_ssh --node_rank N` runner per simulated node, as a scheduler
   would, and returns the reports.
 

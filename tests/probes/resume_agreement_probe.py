@@ -1,4 +1,4 @@
-"""Run by tests/test_reliability.py (not a pytest file): a world of 2 plain processes
+"""Run by tests/e2e/test_reliability.py (not a pytest file): a world of 2 plain processes
 (torch.distributed over gloo) in which each rank resolves `--resume auto` against the output
 dir given for it (argv[1 + rank]); prints the agreed checkpoint or the error."""
 

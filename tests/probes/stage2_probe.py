@@ -1,4 +1,4 @@
-"""Run under `deepspeed --num_gpus 2` by tests/test_stage2_distributed.py (not a pytest file).
+"""Run under `deepspeed --num_gpus 2` by tests/e2e/test_stage2.py (not a pytest file).
 
 Builds the real stage-2 trainer (frozen base under ZeRO-3, adapters outside it) and records,
 per rank, into --probe_out:
