@@ -32,14 +32,15 @@ def hub_env(tiny_model_dir, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def stage1_run(hub_env, tmp_path_factory) -> Path:
     """20 steps of stage 1 on 2 CPU ranks through the deepspeed launcher, on the hub-named
-    tiny model (shared by the stage-1 and pipeline tests)."""
+    tiny model (shared by the stage-1 and pipeline tests). Started from a directory outside
+    the checkout with no --ds_config: the packaged config is found through the package."""
     out = tmp_path_factory.mktemp("stage1")
     cmd = [
-        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/stage1.py",
+        "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "launch" / "stage1.py"),
         "--model", HUB_REPO, "--data", str(SAMPLE / "stage1.jsonl"),
         "--output_dir", str(out), "--max_steps", "20", "--save_every", "10", "--log_every", "1",
         "--global_batch_size", "8", "--micro_batch_size", "2", "--lr", "2e-3", "--max_length", "256",
         "--num_experts", "4", "--lora_r", "8",
     ]
-    run_launcher(cmd, out / "launcher.log", env=hub_env)
+    run_launcher(cmd, out / "launcher.log", env=hub_env, cwd=tmp_path_factory.mktemp("elsewhere"))
     return out

@@ -77,12 +77,13 @@ def stage1_model(model_dir, grad_checkpointing: bool):
     return model, adapters
 
 
-def run_launcher(cmd: list[str], log_path: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a launcher command from the repo root, keep its output in `log_path`, and fail the
-    test with the tail of that output if it exits non-zero."""
+def run_launcher(cmd: list[str], log_path: Path, timeout: float = 600, env: dict | None = None,
+                 cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a launcher command (from the repo root unless `cwd` says otherwise), keep its output
+    in `log_path`, and fail the test with the tail of that output if it exits non-zero."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=full_env)
+        proc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=full_env)
     if proc.returncode != 0:
         tail = log_path.read_text()[-6000:]
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")

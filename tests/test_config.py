@@ -2,7 +2,7 @@
 
 import pytest
 
-from medcare_dist.config import ConfigError, load_config, parse_overrides
+from medcare_dist.config import ConfigError, TrainConfig, load_config, parse_overrides
 
 BASE = {"model": "m", "data": ["d.jsonl"]}
 
@@ -71,3 +71,44 @@ def test_stage2_refuses_options_the_prepared_base_decides(tmp_path):
     with pytest.raises(ConfigError, match="stage 2: lora_r, num_experts cannot be set: the prepared stage-2 base decides"):
         load("num_experts: 4\n", tmp_path, argv=["--lora_r", "8"], stage=2)
     assert load("ortho_lambda: 0.5\n", tmp_path, stage=2).ortho_lambda == 0.5
+
+
+def test_launchers_print_every_option_with_help_and_exit_0(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    for stage in (1, 2):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / f"stage{stage}.py"), "--help"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "--lr (default: 0.0002)" in proc.stdout and "--packing {auto|on|off}" in proc.stdout
+        assert ("--num_experts" in proc.stdout) == (stage == 1) and ("--ortho_lambda" in proc.stdout) == (stage == 2)
+
+
+def test_result_neutral_options_may_change_on_resume_and_the_rest_may_not():
+    from medcare_dist.config import RUNTIME_OPTIONS, TrainConfig, resume_differences
+
+    saved = TrainConfig(model="m", data=["d"]).to_dict()
+    changed = TrainConfig(model="m", data=["d"], packing="off", grad_bucket_mb=5.0, lm_loss="full", lr=1e-3)
+    assert {"packing", "pack_tokens", "grad_bucket_mb", "lm_loss"} <= RUNTIME_OPTIONS
+    assert resume_differences(saved, changed) == {"lr": (2e-4, 1e-3)}
+
+
+def test_ds_config_is_a_path_or_a_packaged_name_from_any_directory(tmp_path, monkeypatch):
+    from medcare_dist.config import ConfigError
+    from medcare_dist.resources import DS_CONFIG_DIR, resolve_ds_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("zero3", "zero3.json", "ds_configs/zero3.json"):
+        assert resolve_ds_config(name) == DS_CONFIG_DIR / "zero3.json"
+    own = tmp_path / "ds_configs" / "zero3.json"  # a file of the user's own wins over the packaged one
+    own.parent.mkdir()
+    own.write_text("{}")
+    assert resolve_ds_config("ds_configs/zero3.json") == own
+    own.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"DeepSpeed config .*zero3.json is not valid JSON"):
+        TrainConfig(model="m", data=["d"], ds_config=str(own)).validate()
+    with pytest.raises(ConfigError, match="DeepSpeed config not found: nope.json .*zero3, zero3_node_local, zero3_offload"):
+        TrainConfig(model="m", data=["d"], ds_config="nope.json").validate()
