@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed  # noqa: F401  imported before the baseline memory reading
+import datasets  # noqa: F401  imported before the baseline memory reading (pyarrow: ~40 MB)
+import deepspeed  # noqa: F401  likewise
 import torch
 import torch.distributed
 import transformers.models.qwen2.modeling_qwen2  # noqa: F401
