@@ -57,7 +57,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from medcare_dist.adapters.lora import lora_scale  # noqa: E402
-from medcare_dist.artefacts.manifest import KNOWLEDGE_FILE, STAGE2_KIND, base_fingerprint, versions  # noqa: E402
+from medcare_dist.artefacts.manifest import (KNOWLEDGE_FILE, STAGE2_BASE, base_fingerprint, new_manifest, record_files,  # noqa: E402
+                                             versions, write_manifest)
 from medcare_dist.artefacts.checkpoint import TrainState, save_checkpoint  # noqa: E402
 from medcare_dist.config import TrainConfig  # noqa: E402
 from medcare_dist.artefacts.hf_io import SIDE_FILES, ShardedWriter, parse_size, weight_files  # noqa: E402
@@ -140,16 +141,16 @@ def build_stage2_base(out: Path, size_bytes: int, input_shard: str, rank: int, t
 
     save_file(knowledge, str(out / KNOWLEDGE_FILE))
     scale = lora_scale(TrainConfig.lora_alpha, rank, False)
-    (out / "manifest.json").write_text(json.dumps({
-        "kind": STAGE2_KIND,
+    write_manifest(out, new_manifest(STAGE2_BASE, {
         "stage1_checkpoint": "synthetic (bench/export_rss.py)",
         "original_base_model": "synthetic",
+        "files": record_files(out, cache=True),
         "base_fingerprint": base_fingerprint(out),
         "merged_attention_targets": [],
         "knowledge": {"targets": targets, "rank": rank, "scale": scale},
         "versions": versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }, indent=2) + "\n")
+    }))
     check_stage2_base(out)  # the same checks stage 2 runs on a prepared base
     return {"num_layers": num_layers, "scale": scale, "knowledge": knowledge}
 
