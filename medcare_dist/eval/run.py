@@ -70,6 +70,7 @@ class EvalSettings:
     fewshot_seed: int = 0
     limit: int | None = None  # the first N records of each file
     fmt: str | None = None  # force a benchmark format (benchmarks.FORMATS)
+    thinking: bool = False  # prompts as training rendered them with `thinking` (data.chat.assistant_prompt)
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -94,7 +95,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def score_records(model, tokenizer, records: list[ExamRecord], shots: list[list[ExamRecord]], s: EvalSettings) -> list[dict]:
     """One row per record: its prompt, gold letters and each method's prediction."""
-    prompts = [exam_prompt(tokenizer, r, sh) for r, sh in zip(records, shots)]
+    prompts = [exam_prompt(tokenizer, r, sh, s.thinking) for r, sh in zip(records, shots)]
     prompt_ids = [_encode(tokenizer, p) for p in prompts]
     rows = [{"index": r.index, "subject": r.subject, "gold": r.answer, "multi": r.multi, "prompt": p}
             for r, p in zip(records, prompts)]
@@ -109,7 +110,7 @@ def score_records(model, tokenizer, records: list[ExamRecord], shots: list[list[
             best = max(scores, key=scores.__getitem__)  # the first in option order on a tie
             row["loglik"] = {"scores": scores, "pred": best, "correct": best == row["gold"]}
     if "cloze" in s.methods:
-        q_ids = [_encode(tokenizer, cloze_prompt(tokenizer, r, sh)) for r, sh in zip(records, shots)]
+        q_ids = [_encode(tokenizer, cloze_prompt(tokenizer, r, sh, s.thinking)) for r, sh in zip(records, shots)]
         pairs = [(k, x, _encode(tokenizer, text)) for k, r in enumerate(records) for x, text in r.options.items()]
         flat = continuation_logprobs(model, [q_ids[k] for k, _, _ in pairs], [c for _, _, c in pairs], pad,
                                      s.batch_size, s.device)
@@ -183,7 +184,7 @@ def conversation_loss_sum(model, dataset, indices: list[int], pad_id: int, batch
 def evaluate_conversations(model, tokenizer, path: Path, s: EvalSettings) -> dict:
     from medcare_dist.dist import process_group as dist_utils
 
-    dataset, stats = build_dataset([path], tokenizer, s.max_length)
+    dataset, stats = build_dataset([path], tokenizer, s.max_length, thinking=s.thinking)
     n = len(dataset) if s.limit is None else min(s.limit, len(dataset))
     indices = list(range(s.rank, n, s.world_size))
     loss_sum, tokens = conversation_loss_sum(model, dataset, indices, pad_token_id(tokenizer), s.batch_size, s.device)
@@ -264,8 +265,10 @@ def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str
         raise ConfigError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)})")
     if s.batch_size < 1 or s.max_new_tokens < 0 or s.max_length < 2 or s.num_fewshot < 0 or (s.limit or 1) < 1:
         raise ConfigError(f"bad settings: {s.public()}")
-    if s.max_new_tokens == 0:  # nothing to generate: the scoring methods only
-        s.methods = tuple(m for m in s.methods if m in ("loglik", "cloze")) or ("loglik",)
+    generating = [m for m in s.methods if m in ("generate", "reference")]
+    if s.max_new_tokens == 0 and generating:
+        raise ConfigError(f"--max-new-tokens 0 generates nothing for --methods {' '.join(generating)}: "
+                          "give --max-new-tokens >= 1, or --methods loglik cloze")
     if not data:
         from medcare_dist.resources import SAMPLE_DIR
 

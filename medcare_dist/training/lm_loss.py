@@ -9,16 +9,62 @@ The LM loss has two implementations with the same value and gradient:
   that have a label, and applies the LM head plus cross entropy `chunk_tokens` rows at a
   time (`ChunkedLinearCrossEntropy`), inside the LM head's own forward. Peak logit memory is one [chunk_tokens, vocab] fp32
   block, whatever the micro-batch size.
+
+What a model does to its logits after the LM head (`LogitTransform`: Cohere's `logit_scale`,
+Granite's `logits_scaling`, Gemma 2's `final_logit_softcapping`) is applied inside each chunk,
+with its exact derivative in the gradient, and by eval's scoring on the rows it computes; the
+full loss gets it from the model itself.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from medcare_dist.config import choices
 from medcare_dist.data.chat import IGNORE_INDEX
+from medcare_dist.errors import ConfigError
 
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to the LM head's output: logits * scale, then cap * tanh(logits / cap)."""
+
+    scale: float = 1.0
+    cap: float | None = None
+    fields: tuple[str, ...] = ()  # the config fields it comes from
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
+def logit_transform(config) -> LogitTransform:
+    """The transform a model config (a PretrainedConfig or config.json's dict) asks for."""
+    get = config.get if isinstance(config, dict) else (lambda name: getattr(config, name, None))
+    values = {name: get(name) for name in ("logit_scale", "logits_scaling", "final_logit_softcapping")}
+    for name, value in values.items():
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise ConfigError(f"the model config's {name} is {value!r}: expected a number > 0")
+    fields = tuple(name for name, value in values.items()
+                   if value is not None and (value != 1 or name == "final_logit_softcapping"))
+    scale = float(values["logit_scale"] or 1.0) / float(values["logits_scaling"] or 1.0)
+    cap = values["final_logit_softcapping"]
+    return LogitTransform(scale, float(cap) if cap else None, fields)
+
+
+def check_lm_loss(config, impl: str) -> LogitTransform:
+    """The model's logit transform, or a one-line refusal naming the config field that `impl` cannot apply."""
+    transform = logit_transform(config)
+    if impl == "liger" and transform.fields:
+        raise ConfigError(f"lm_loss 'liger' does not apply the model config's {', '.join(transform.fields)}: "
+                          "use lm_loss chunked or full")
+    return transform
 
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,22 +78,31 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight^T, target_i), `chunk` rows at a time; weight is frozen.
+    """sum_i CE(transform(hidden_i @ weight^T), target_i), `chunk` rows at a time; weight is frozen.
 
     The gradient with respect to `hidden` is computed in the forward, chunk by chunk
     ((softmax - onehot) @ weight), so no chunk's logits outlive its iteration and the
     backward needs neither logits nor the weight: under ZeRO-3 the LM head is gathered once,
     for the forward only. Logits, softmax and the loss are fp32 (the matmul runs in the
-    weight's dtype, as the model's own LM head does). Without grad mode no gradient is made.
+    weight's dtype, as the model's own LM head does). `transform` (a `LogitTransform`) is applied
+    in fp32 and its derivative (scale, 1 - tanh^2) enters the gradient. Without grad mode no
+    gradient is made.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                transform: LogitTransform = LogitTransform()) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
             logits = F.linear(h.to(weight.dtype), weight).float()
+            if transform.scale != 1.0:
+                logits.mul_(transform.scale)
+            squash = None
+            if transform.cap:
+                squash = logits.div_(transform.cap).tanh_()
+                logits = squash * transform.cap
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             top = logits.amax(dim=1, keepdim=True)
             probs = logits.sub_(top).exp_()  # in place: one [chunk, vocab] buffer per iteration
@@ -56,15 +111,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs.div_(total)
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                if squash is not None:
+                    probs.mul_(squash.square_().neg_().add_(1.0))
+                if transform.scale != 1.0:
+                    probs.mul_(transform.scale)
                 grad[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-            del logits, probs
+            del logits, probs, squash
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
 
 
 def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +152,7 @@ def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tens
         return causal_lm_loss_sum(model(**inputs).logits, labels)
     if impl not in choices("lm_loss"):
         raise ValueError(f"lm_loss must be one of {', '.join(choices('lm_loss'))}, not {impl!r}")
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError(f"{type(model).__name__} soft-caps its logits: use lm_loss 'full'")
+    transform = check_lm_loss(model.config, impl)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError(f"{type(model).__name__}'s LM head has a bias: use lm_loss 'full'")
@@ -108,7 +166,7 @@ def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tens
         if impl == "liger":
             found["loss"] = _liger_loss_sum(hidden, module.weight, targets)
         else:
-            found["loss"] = ChunkedLinearCrossEntropy.apply(hidden, module.weight, targets, chunk_tokens)
+            found["loss"] = ChunkedLinearCrossEntropy.apply(hidden, module.weight, targets, chunk_tokens, transform)
 
     handles = [model.get_decoder().register_forward_hook(keep_hidden),
                head.register_forward_hook(loss_at_head, prepend=True)]  # before ZeRO-3 releases the weight
