@@ -125,7 +125,10 @@ def add_plan_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medcare_dist import package_version
+
     parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"medcare-dist {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="write the built-in tiny Qwen2 model and tokenizer (HF format)")
