@@ -52,7 +52,7 @@ from medcare_dist.eval.records import RecordStore
 from medcare_dist.eval.report import METHODS, average, exam_result, format_table
 from medcare_dist.eval.prompts import ANSWER_PREFIX, answer_sentence, cloze_prompt, exam_prompt, fewshot_examples, parse_answer
 from medcare_dist.eval.scoring import continuation_logprobs, forced_letters, greedy_generate, letter_token_ids
-from medcare_dist.training.lm_loss import model_lm_loss_sum
+from medcare_dist.training.lm_loss import check_logits_after_head, model_lm_loss_sum
 
 REPORT_FORMAT = "medcare_dist.eval/2"
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -295,6 +295,7 @@ def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str
 
             datasets.disable_progress_bars()
         model, tokenizer, artefact = load_eval_model(model_path, kind, adapter, torch_dtype, world.device, trust_remote_code)
+        check_logits_after_head(model, world.device)  # scores and losses are computed from the LM head's output
         log(f"eval: {model_path} ({artefact}{', adapter ' + str(adapter) if adapter else ''}), {torch_dtype}, "
             f"{world.world_size} rank(s)")
         s.rank, s.world_size, s.device = world.rank, world.world_size, world.device

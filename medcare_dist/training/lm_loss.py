@@ -58,6 +58,28 @@ def logit_transform(config) -> LogitTransform:
     return LogitTransform(scale, float(cap) if cap else None, fields)
 
 
+@torch.no_grad()
+def check_logits_after_head(model, device) -> None:
+    """On a short input, the model's own logits must be `logit_transform` of its LM head's
+    output on the decoder's last hidden states, as the chunked loss and eval's scoring compute
+    them; a model that changes its logits some other way (a config field not known here) is
+    refused. Every rank runs the same forwards (ZeRO-3), in eval mode (no dropout)."""
+    transform = logit_transform(model.config)
+    ids = torch.arange(min(8, model.config.vocab_size), device=device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        own = model(input_ids=ids).logits.float()
+        ours = transform(model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state).float())
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if own.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2
+    if float((own - ours).abs().max()) > tolerance * max(float(own.abs().max()), 1.0):
+        known = f" with {', '.join(transform.fields)}" if transform.fields else ""
+        raise ConfigError(f"{type(model).__name__}'s logits are not its LM head's output{known}: it changes them "
+                          "in a way medcare_dist does not know, so its losses and scores would be wrong")
+
+
 def check_lm_loss(config, impl: str) -> LogitTransform:
     """The model's logit transform, or a one-line refusal naming the config field that `impl` cannot apply."""
     transform = logit_transform(config)

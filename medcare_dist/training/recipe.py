@@ -24,7 +24,7 @@ from medcare_dist.artefacts.hf_io import check_model_dir
 from medcare_dist.artefacts.hub import resolve_model
 from medcare_dist.dist.rank_env import launch_rank, without_local_rank
 from medcare_dist.training.zero3 import enable_activation_checkpointing
-from medcare_dist.training.lm_loss import check_lm_loss
+from medcare_dist.training.lm_loss import check_lm_loss, check_logits_after_head
 from medcare_dist.training.metrics import check_report_to
 from medcare_dist.training.resume import check_resume_early
 from medcare_dist.training.trainer import Objective, Trainer
@@ -108,6 +108,10 @@ def build_trainer(
     adapters.attach(model, adapter_dtype)
     adapters.train()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    if cfg.lm_loss != "full":  # its logits come from the LM head: they must be the model's own (ZeRO-3 gathers from here on)
+        adapters.eval()
+        check_logits_after_head(engine.module, world.device)
+        adapters.train()
     engine.module.train()
     n_trainable = sum(p.numel() for p in adapters.trainable_parameters())
     log(f"world size {world.world_size}, dtype {dtype}, adapter matmuls {adapter_dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")

@@ -108,3 +108,18 @@ def test_liger_refuses_a_logit_transform_naming_the_field(tmp_path):
     assert check_lm_loss(config, "chunked") == LogitTransform(cap=0.3, fields=("final_logit_softcapping",))
     with pytest.raises(ConfigError, match="^lm_loss 'liger' does not apply the model config's final_logit_softcapping"):
         check_lm_loss(config, "liger")
+
+
+def test_a_model_that_changes_its_logits_in_an_unknown_way_is_refused(tmp_path):
+    """The transforms known here pass the startup check; one it does not know (here: logits
+    doubled by a hook, as a config field not read here would) is refused in one line."""
+    from transformers import AutoModelForCausalLM
+
+    from medcare_dist.training.lm_loss import check_logits_after_head
+
+    for family in ("gemma2", "cohere", "qwen2"):
+        check_logits_after_head(AutoModelForCausalLM.from_pretrained(write_family_model(tmp_path / family, family)), "cpu")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2")
+    model.register_forward_hook(lambda _module, _args, out: out.__class__(logits=out.logits * 2))
+    with pytest.raises(ConfigError, match=r"^Qwen2ForCausalLM's logits are not its LM head's output: it changes them"):
+        check_logits_after_head(model, "cpu")
