@@ -81,8 +81,9 @@ def assistant_prompt(tokenizer, messages: list[dict], thinking: bool = False) ->
     with the empty think block ``<think>\\n\\n</think>\\n\\n``, exactly the text its template
     renders before a last reply, so a prompt plus the gold reply is the training rendering of
     the same conversation. With `thinking` the prompt ends at ``<|im_start|>assistant\\n`` and
-    the think block the template renders before a last reply is trained as part of it. Templates
-    without a thinking switch ignore it.
+    the think block the template renders before a last reply is trained as part of it, with the
+    reply's ``reasoning_content`` when it has one (Qwen3 renders it there; other templates, and
+    thinking off, refuse it). Templates without a thinking switch ignore `thinking`.
     """
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
 
@@ -91,8 +92,14 @@ def render_with_spans(messages: list[dict], tokenizer, thinking: bool = False) -
     """Render a conversation with the chat template; return the text and, for each assistant
     turn, the character span [start, end) of its reply and end-of-turn text in that text."""
     text = _render(tokenizer, messages)
-    return text, [_reply_span(tokenizer, messages, i, text, thinking)
-                  for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    reasoning = messages[turns[-1]].get("reasoning_content") if turns else None
+    if reasoning and not thinking:
+        raise ChatTemplateError(f"turn {turns[-1]}: its reasoning_content is trained only with thinking: true")
+    spans = [_reply_span(tokenizer, messages, i, text, thinking) for i in turns]
+    if reasoning and reasoning.strip() not in text[spans[-1][0]:spans[-1][1]]:
+        raise ChatTemplateError(f"turn {turns[-1]}: the chat template does not render reasoning_content")
+    return text, spans
 
 
 def _reply_span(tokenizer, messages: list[dict], i: int, text: str, thinking: bool) -> tuple[int, int]:
@@ -142,7 +149,8 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int, thin
         literals.append(match.group(0))
         return _LITERAL.format(len(literals) - 1)
 
-    hidden = [{**message, "content": pattern.sub(hide, message["content"])} for message in messages]
+    hidden = [{**message, **{key: pattern.sub(hide, message[key]) for key in ("content", "reasoning_content") if message.get(key)}}
+              for message in messages]
     text, spans = render_with_spans(hidden, tokenizer, thinking)
     input_ids, starts = _encode(tokenizer, text, literals)
     labels = [token if any(begin <= start < end for begin, end in spans) else IGNORE_INDEX

@@ -111,11 +111,18 @@ def _normalize_turn(turn: Any, j: int, role_key: str, content_key: str, role_nam
         raise DataError(f"turn {j}: '{content_key}' is not a string (got {type(content).__name__})")
     if not content.strip():
         raise DataError(f"turn {j}: empty content")
-    token = find_control_token(content, forbidden)
-    if token is not None:
-        raise DataError(f"turn {j}: the {role_names[role]} text contains the control token {token!r}, which would "
-                        "act as one (a forged turn); remove it, or set control_tokens: as_text to keep it as plain text")
-    return {"role": role_names[role], "content": content}
+    message = {"role": role_names[role], "content": content}
+    reasoning = turn.get("reasoning_content")  # an assistant's reasoning (Qwen3's template renders it in <think>)
+    if reasoning is not None:
+        if message["role"] != "assistant" or not isinstance(reasoning, str) or not reasoning.strip():
+            raise DataError(f"turn {j}: 'reasoning_content' must be non-empty text on an assistant turn")
+        message["reasoning_content"] = reasoning
+    for text in message.values():
+        token = find_control_token(text, forbidden)
+        if token is not None:
+            raise DataError(f"turn {j}: the {role_names[role]} text contains the control token {token!r}, which would "
+                            "act as one (a forged turn); remove it, or set control_tokens: as_text to keep it as plain text")
+    return message
 
 
 def _check_turn_order(roles: list[str]) -> None:

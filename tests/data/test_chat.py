@@ -227,3 +227,26 @@ def test_thinking_kept_trains_the_think_block_of_the_last_reply_only(family):
     if name == "qwen3":
         replies[-1] = "<think>\n\n</think>\n\n" + replies[-1]
     assert [text for trained, text in token_runs(tokenizer, example) if trained] == replies
+
+
+def test_reasoning_is_trained_in_the_think_block_with_thinking_kept(family, tmp_path):
+    """A reply's reasoning_content: Qwen3 renders it in the think block of the last reply,
+    trained with thinking kept; without thinking, or under a template that does not render
+    it, the record is refused rather than trained without it."""
+    from medcare_dist.errors import ChatTemplateError
+
+    name, tokenizer = family
+    plain = {"messages": [{"role": "user", "content": "Fever and stiff neck?"}, {"role": "assistant", "content": "Go to A&E."}]}
+    reasoning = {"messages": [{"role": "user", "content": "Headache?"},
+                              {"role": "assistant", "content": "Rest.", "reasoning_content": "Mild, no red flags."}]}
+    path = write_jsonl(tmp_path / "reasoning.jsonl", [plain, reasoning])
+    if name != "qwen3":
+        with pytest.raises(ChatTemplateError, match=r"record 1 .*turn 1: the chat template does not render reasoning_content"):
+            build_dataset(path, tokenizer, 512, thinking=True)
+        return
+    with pytest.raises(ChatTemplateError, match=r"turn 1: its reasoning_content is trained only with thinking: true"):
+        build_dataset(path, tokenizer, 512)
+    dataset, _ = build_dataset(path, tokenizer, 512, thinking=True)
+    runs = [token_runs(tokenizer, dataset[i]) for i in range(2)]
+    assert [text for trained, text in runs[0] if trained] == ["<think>\n\n</think>\n\nGo to A&E.<|im_end|>\n"]
+    assert [text for trained, text in runs[1] if trained] == ["<think>\nMild, no red flags.\n</think>\n\nRest.<|im_end|>\n"]
