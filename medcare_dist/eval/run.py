@@ -247,6 +247,15 @@ def build_report(model_path: str, artefact: str, dtype: torch.dtype, settings: E
             "elapsed_s": round(elapsed_s, 3)}
 
 
+def _check_thinking(model_path: str, kind: str, thinking: bool) -> None:
+    """A checkpoint is evaluated with the prompts it was trained with (`thinking`, data.chat.assistant_prompt)."""
+    from medcare_dist.artefacts.manifest import STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, checkpoint_config
+
+    if kind in (STAGE1_CHECKPOINT, STAGE2_CHECKPOINT) and checkpoint_config(model_path).thinking != thinking:
+        raise ConfigError(f"{model_path} was trained with thinking: {str(not thinking).lower()}; evaluate it "
+                          f"{'with' if not thinking else 'without'} --thinking, as its prompts were rendered")
+
+
 def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str | None = None, *,
              adapter: str | None = None, records_dir: str | None = None, fewshot_dev: Sequence[str] = (),
              dtype: str = "auto", trust_remote_code: bool = False, timeout_minutes: float = 30.0,
@@ -278,6 +287,7 @@ def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str
     # bad input fails before the process group and the model load
     files = read_files(data, s, fewshot_dev)
     model_path, kind = check_model_args(model_path, adapter)
+    _check_thinking(model_path, kind, s.thinking)
     torch_dtype = resolve_dtype(dtype)
     store = None
     if records_dir:

@@ -434,3 +434,9 @@ def test_eval_table_puts_reports_side_by_side(tmp_path):
 def test_generating_methods_with_zero_new_tokens_are_an_error(tiny_model_dir, methods):
     with pytest.raises(ConfigError, match=rf"^--max-new-tokens 0 generates nothing for --methods {methods[-1]}: "):
         ev.run_eval(str(tiny_model_dir), methods=methods, max_new_tokens=0)
+
+
+def test_a_checkpoint_is_evaluated_with_the_thinking_setting_it_was_trained_with(tiny_model_dir, tmp_path):
+    ckpt = write_stage1_checkpoint(tiny_model_dir, tmp_path / "stage1", thinking=True)
+    with pytest.raises(ConfigError, match=r"was trained with thinking: true; evaluate it with --thinking, as its prompts"):
+        ev.run_eval(str(ckpt), methods=("loglik",))
