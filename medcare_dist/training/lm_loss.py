@@ -73,19 +73,22 @@ def check_logits_after_head(model, device) -> None:
         ours = transform(model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state).float())
     finally:
         model.train(was_training)
-    tolerance = 1e-4 if own.dtype == torch.float32 and model.dtype == torch.float32 else 3e-2
+    tolerance = 1e-4 if model.dtype == torch.float32 else 3e-2  # relative to the logits' scale; bf16/fp16 round more
     if float((own - ours).abs().max()) > tolerance * max(float(own.abs().max()), 1.0):
         known = f" with {', '.join(transform.fields)}" if transform.fields else ""
         raise ConfigError(f"{type(model).__name__}'s logits are not its LM head's output{known}: it changes them "
                           "in a way medcare_dist does not know, so its losses and scores would be wrong")
 
 
-def check_lm_loss(config, impl: str) -> LogitTransform:
-    """The model's logit transform, or a one-line refusal naming the config field that `impl` cannot apply."""
-    transform = logit_transform(config)
-    if impl == "liger" and transform.fields:
-        raise ConfigError(f"lm_loss 'liger' does not apply the model config's {', '.join(transform.fields)}: "
-                          "use lm_loss chunked or full")
+def check_lm_loss(model, impl: str) -> LogitTransform:
+    """The model's logit transform, or a one-line refusal naming what `impl` cannot apply (a
+    config field, the LM head's bias). `model` may be weightless (meta device)."""
+    transform = logit_transform(model.config)
+    if impl == "liger":
+        missed = [f"the model config's {name}" for name in transform.fields]
+        missed += ["the LM head's bias"] if getattr(model.get_output_embeddings(), "bias", None) is not None else []
+        if missed:
+            raise ConfigError(f"lm_loss 'liger' does not apply {', '.join(missed)}: use lm_loss chunked or full")
     return transform
 
 
@@ -100,7 +103,7 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(transform(hidden_i @ weight^T), target_i), `chunk` rows at a time; weight is frozen.
+    """sum_i CE(transform(hidden_i @ weight^T + bias), target_i), `chunk` rows at a time; weight and bias are frozen.
 
     The gradient with respect to `hidden` is computed in the forward, chunk by chunk
     ((softmax - onehot) @ weight), so no chunk's logits outlive its iteration and the
@@ -113,12 +116,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                transform: LogitTransform = LogitTransform()) -> torch.Tensor:
+                transform: LogitTransform = LogitTransform(), bias: torch.Tensor | None = None) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = F.linear(h.to(weight.dtype), weight).float()
+            logits = F.linear(h.to(weight.dtype), weight, bias).float()
             if transform.scale != 1.0:
                 logits.mul_(transform.scale)
             squash = None
@@ -145,7 +148,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 
 
 def labelled_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,10 +177,8 @@ def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tens
         return causal_lm_loss_sum(model(**inputs).logits, labels)
     if impl not in choices("lm_loss"):
         raise ValueError(f"lm_loss must be one of {', '.join(choices('lm_loss'))}, not {impl!r}")
-    transform = check_lm_loss(model.config, impl)
+    transform = check_lm_loss(model, impl)
     head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__}'s LM head has a bias: use lm_loss 'full'")
     found: dict[str, torch.Tensor] = {}
 
     def keep_hidden(_module, _args, out):
@@ -188,7 +189,8 @@ def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tens
         if impl == "liger":
             found["loss"] = _liger_loss_sum(hidden, module.weight, targets)
         else:
-            found["loss"] = ChunkedLinearCrossEntropy.apply(hidden, module.weight, targets, chunk_tokens, transform)
+            found["loss"] = ChunkedLinearCrossEntropy.apply(hidden, module.weight, targets, chunk_tokens, transform,
+                                                            module.bias)
 
     handles = [model.get_decoder().register_forward_hook(keep_hidden),
                head.register_forward_hook(loss_at_head, prepend=True)]  # before ZeRO-3 releases the weight

@@ -82,7 +82,7 @@ def build_trainer(
     source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
     check_model_dir(Path(source.path))
     skeleton = model_skeleton(source.path, cfg.trust_remote_code)  # what the model is, before any process group
-    check_lm_loss(skeleton.config, cfg.lm_loss)
+    check_lm_loss(skeleton, cfg.lm_loss)
     if check_base:
         log(check_base(skeleton, cfg))
     check_resume_early(cfg, base_fingerprint(source.path))  # a resume with changed training options fails here, in seconds
