@@ -7,7 +7,7 @@ Knowledge Aggregator + routed Noise Aggregator) on every FFN projection.
 """
 
 from medcare_dist.training.recipe import main_for_stage
-from medcare_dist.method.stage1 import RouterObjective, stage1_adapters
+from medcare_dist.method.stage1 import RouterObjective, check_stage1_base, stage1_adapters
 
 if __name__ == "__main__":
     raise SystemExit(
@@ -15,5 +15,6 @@ if __name__ == "__main__":
             stage=1,
             build_adapters=stage1_adapters,
             build_objective=lambda adapters, cfg: RouterObjective(adapters, cfg.router_aux_loss_coef),
+            check_base=check_stage1_base,
         )
     )

@@ -20,7 +20,7 @@ def _preprocess(args) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
     preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc=args.num_proc,
-               control_tokens=args.control_tokens)
+               control_tokens=args.control_tokens, thinking=args.thinking)
     print(f"wrote tokenised dataset to {args.out}")
 
 
@@ -46,7 +46,7 @@ def _eval(args) -> None:
              fewshot_dev=args.fewshot_dev or (), dtype=args.dtype, trust_remote_code=args.trust_remote_code,
              batch_size=args.batch_size, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
              methods=tuple(args.methods), num_fewshot=args.num_fewshot, fewshot_seed=args.seed, limit=args.limit,
-             fmt=args.format)
+             fmt=args.format, thinking=args.thinking)
 
 
 def _eval_table(args) -> None:
@@ -125,7 +125,10 @@ def add_plan_parser(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from medcare_dist import package_version
+
     parser = argparse.ArgumentParser(prog="medcare-dist", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"medcare-dist {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="write the built-in tiny Qwen2 model and tokenizer (HF format)")
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.add_argument("--control-tokens", choices=["error", "as_text"], default="error",
                    help="message text that spells a control token (<|im_end|>, ...): refuse the record, or keep it as plain text")
+    p.add_argument("--thinking", action="store_true", help="train the think block before a last reply (as thinking: true)")
     p.add_argument("--num-proc", type=int, default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_preprocess)
@@ -180,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward on each rank")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation length (generate, reference; the paper: 1024)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
+    p.add_argument("--thinking", action="store_true", help="prompts end before the think block and thinking is scored "
+                                                           "(for a model trained with thinking: true); default: Qwen3's "
+                                                           "empty think block is prompt, as training rendered it")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_eval)

@@ -53,6 +53,8 @@ class TrainConfig:
                                 choices=("error", "skip"))
     control_tokens: str = option("error", "message text spelling a control token (<|im_end|>, ...): refused, or kept as text",
                                  "data", choices=("error", "as_text"))
+    thinking: bool = option(False, "keep thinking: the template's think block before a last reply is trained with it "
+                            "(eval: --thinking); off: Qwen3's empty think block is prompt, masked", "data")
     trust_remote_code: bool = option(False, "run the model repository's own code (only for models you trust)", "run", runtime=True)
 
     # adapters (defaults: the MedCare reference)
@@ -64,6 +66,8 @@ class TrainConfig:
     use_rslora: bool = option(False, "rsLoRA scaling: scale = alpha / sqrt(r)", "adapters", stage1_only=True)
     attn_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj"], "attention projections that get a LoRA", "adapters")
     ffn_targets: list[str] = option(["gate_proj", "up_proj", "down_proj"], "FFN projections that get the experts", "adapters")
+    partial_targets: bool = option(False, "accept a model that has only some of attn_targets / ffn_targets", "adapters",
+                                   stage1_only=True)
     num_experts: int = option(8, "routed experts per FFN projection (the Noise Aggregator)", "adapters", stage1_only=True,
                               plan=True, check=_POSITIVE)
     top_k: int = option(2, "routed experts per token", "adapters", stage1_only=True, plan=True, check=_POSITIVE)

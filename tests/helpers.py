@@ -138,3 +138,41 @@ def layout_hub_cache(model_dir: Path, cache: Path, repo_id: str, revision: str =
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     return cache, revision
+
+
+# Tiny models of the families users bring, built from their configs (nothing downloaded):
+# {name: (config class, what sets it apart)}. The shapes are shared (`write_family_model`).
+FAMILIES = {
+    "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "llama-bias": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True}),
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "final_logit_softcapping": 0.3, "query_pre_attn_scalar": 16}),
+    "cohere": ("CohereConfig", {"logit_scale": 4.0}),
+    "phi3": ("Phi3Config", {}),
+}
+
+
+def write_family_model(out: Path, family: str, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+    """A 2-layer, hidden-64 model of `family` (FAMILIES) with random weights, saved to `out`
+    (with the tokenizer of `tokenizer_dir`, whose vocabulary size it takes; else 128 tokens)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"] if tokenizer_dir else 128
+    config_class, extra = FAMILIES[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    if tokenizer_dir:
+        for path in tokenizer_dir.iterdir():
+            if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                shutil.copy(path, out / path.name)
+    return out

@@ -20,7 +20,8 @@ def run_stage1(monkeypatch, capsys, *args: str) -> str:
 
     monkeypatch.setattr(sys, "argv", STAGE1 + list(args))
     started = time.monotonic()
-    status = main_for_stage(1, stage1.stage1_adapters, lambda adapters, cfg: stage1.RouterObjective(adapters))
+    status = main_for_stage(1, stage1.stage1_adapters, lambda adapters, cfg: stage1.RouterObjective(adapters),
+                            check_base=stage1.check_stage1_base)
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1, err
     assert time.monotonic() - started < 30
@@ -82,3 +83,16 @@ def test_upper_case_data_suffix_is_read(tmp_path):
     shutil.copy(SAMPLE / "stage1.jsonl", tmp_path / "STAGE1.JSONL")
     conversations = read_records(tmp_path / "STAGE1.JSONL")[0]
     assert len(conversations) == sum(1 for line in (SAMPLE / "stage1.jsonl").read_text().splitlines() if line.strip())
+
+
+def test_a_model_stage1_cannot_adapt_or_a_loss_that_cannot_apply_its_logits_is_refused(monkeypatch, capsys, tmp_path):
+    from helpers import write_family_model
+
+    phi3, gemma2 = (write_family_model(tmp_path / name, name) for name in ("phi3", "gemma2"))
+    capsys.readouterr()  # their writing's progress bars
+    line = run_stage1(monkeypatch, capsys, "--model", str(phi3), "--output_dir", str(tmp_path / "out"))
+    assert line.startswith("stage 1: error: Phi3ForCausalLM fuses projections the method adapts one by one: "
+                           "model.layers.0.self_attn.qkv_proj (fused q, k, v), model.layers.0.mlp.gate_up_proj")
+    line = run_stage1(monkeypatch, capsys, "--model", str(gemma2), "--output_dir", str(tmp_path / "out"), "--lm_loss", "liger")
+    assert line == ("stage 1: error: lm_loss 'liger' does not apply the model config's final_logit_softcapping: "
+                    "use lm_loss chunked or full")

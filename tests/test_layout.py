@@ -23,7 +23,7 @@ ALLOWED = {
     "eval": {"adapters", "method", "data", "dist", "artefacts", "training"},
     "tools": {"adapters", "method", "data", "artefacts", "training"},
 }
-FOUNDATION = {"config", "errors", "files", "resources", "__init__", "__version__"}
+FOUNDATION = {"config", "errors", "files", "resources", "__init__", "__version__", "package_version"}
 TOP_LEVEL = {"__init__.py", "__main__.py", "cli.py", "config.py", "errors.py", "files.py"}
 
 

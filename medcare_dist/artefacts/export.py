@@ -50,8 +50,10 @@ def _require(checkpoint: Path, kinds: tuple[str, ...], what: str) -> str:
 
 
 def _model_card(out: Path, checkpoint: Path, manifest: dict, how: str) -> None:
+    """README.md, tagged with the base's (and so the export's) architecture, its config's model_type."""
+    model_type = json.loads((base_model_dir(manifest) / "config.json").read_text()).get("model_type", "unknown")
     out.joinpath("README.md").write_text(
-        "---\nlibrary_name: transformers\ntags: [medical, medcare, qwen2]\n---\n\n"
+        f"---\nlibrary_name: transformers\ntags: [medical, medcare, {model_type}]\n---\n\n"
         f"# {out.name}\n\n"
         "A medical chat model trained with the two-stage MedCare method by medcare_dist "
         "(knowledge aggregation with a mixture of LoRA experts, then clinical alignment with an "

@@ -40,6 +40,15 @@ def load_frozen_base(name_or_path: str, ds_config: dict | None, dtype: torch.dty
     return model
 
 
+def model_skeleton(path: str, trust_remote_code: bool = False):
+    """The model's module tree on the meta device, from its config alone: no weights, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def _attention_implementation(dtype: torch.dtype) -> str | None:
     """flash_attention_2 (varlen kernels for packed micro-batches) on CUDA in bf16/fp16 when the
     flash-attn package is installed; otherwise None, transformers' default (sdpa)."""

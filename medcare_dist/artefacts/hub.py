@@ -89,7 +89,8 @@ def _snapshot(repo_id: str, revision: str | None, local_files_only: bool) -> Pat
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
         raise ModelSourceError(
             f"model {where}: not in the Hugging Face cache ({_cache_dir()}) and the hub cannot be reached "
-            f"({type(err).__name__}); download it first (`hf download {repo_id}`) or give a local directory"
+            f"({type(err).__name__}); download it first (`hf download {repo_id}"
+            + (f" --revision {revision}`" if revision else "`") + ") or give a local directory"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as err:
         raise ModelSourceError(f"model {where}: {type(err).__name__}: {str(err).splitlines()[0]}") from None

@@ -231,6 +231,6 @@ def versions() -> dict[str, str]:
     import deepspeed
     import transformers
 
-    from medcare_dist import __version__
+    from medcare_dist import package_version
 
-    return {"medcare_dist": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}
+    return {"medcare_dist": package_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__}

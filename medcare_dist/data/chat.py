@@ -1,16 +1,17 @@
 """From a conversation to token ids and labels that train exactly the assistant replies.
 
 The tokenizer's chat template renders the whole conversation once. Each assistant turn is
-then located in that rendering: it starts where the rendering of the conversation before
-it, with the generation prompt, ends, and its reply plus end-of-turn text (with Qwen's
-ChatML, the reply, ``<|im_end|>`` and the newline) is taken from rendering the
-conversation through that turn. The reply must appear at the turn's start, or after the
-same template text that the template gives a last turn: Qwen3 renders the empty think
-block ``<think>\\n\\n</think>\\n\\n`` before the last reply only, so rendering prefixes
-does not reproduce the whole rendering, yet each reply is found. That template text is
-masked like the role words: only what the assistant says, its end-of-turn token and the
-newline after it are trained (the reference's rule). A template that renders a reply
-some other way is refused, naming the turn.
+then located in that rendering: `assistant_prompt` decides where a reply starts (the
+rendering of the conversation before it with the generation prompt; eval's exam prompts are
+the same function), and the reply plus end-of-turn text (with Qwen's ChatML, the reply,
+``<|im_end|>`` and the newline) is what follows that prompt in the rendering through that
+turn. Qwen3 renders the empty think block ``<think>\\n\\n</think>\\n\\n`` before the last
+reply only, so rendering prefixes does not reproduce the whole rendering, yet each reply is
+found: the last one after the block, which (thinking off, the default) belongs to the prompt
+and is masked like the role words, so only what the assistant says, its end-of-turn token and
+the newline after it are trained (the reference's rule); with thinking kept the block is
+trained with the reply, and the prompt ends before it. A template that renders a reply some
+other way is refused, naming the turn.
 
 Text inside a message that spells one of the tokenizer's added tokens (``<|im_end|>``,
 ``<think>``, ...) is never turned into that token here: it is tokenised as plain text.
@@ -71,31 +72,56 @@ def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern:
 # ------------------------------------------------------------------------- rendering
 
 
-def render_with_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+def assistant_prompt(tokenizer, messages: list[dict], thinking: bool = False) -> str:
+    """The conversation rendered up to the point where the assistant's next reply starts: the one
+    place that decides it, for training labels (what follows it is trained) and for eval prompts
+    (generation and scoring start there).
+
+    The chat template's generation prompt, with thinking off unless `thinking`: Qwen3's ends
+    with the empty think block ``<think>\\n\\n</think>\\n\\n``, exactly the text its template
+    renders before a last reply, so a prompt plus the gold reply is the training rendering of
+    the same conversation. With `thinking` the prompt ends at ``<|im_start|>assistant\\n`` and
+    the think block the template renders before a last reply is trained as part of it, with the
+    reply's ``reasoning_content`` when it has one (Qwen3 renders it there; other templates, and
+    thinking off, refuse it). Templates without a thinking switch ignore `thinking`.
+    """
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+
+
+def render_with_spans(messages: list[dict], tokenizer, thinking: bool = False) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation with the chat template; return the text and, for each assistant
     turn, the character span [start, end) of its reply and end-of-turn text in that text."""
     text = _render(tokenizer, messages)
-    return text, [_reply_span(tokenizer, messages, i, text) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    reasoning = messages[turns[-1]].get("reasoning_content") if turns else None
+    if reasoning and not thinking:
+        raise ChatTemplateError(f"turn {turns[-1]}: its reasoning_content is trained only with thinking: true")
+    spans = [_reply_span(tokenizer, messages, i, text, thinking) for i in turns]
+    if reasoning and reasoning.strip() not in text[spans[-1][0]:spans[-1][1]]:
+        raise ChatTemplateError(f"turn {turns[-1]}: the chat template does not render reasoning_content")
+    return text, spans
 
 
-def _reply_span(tokenizer, messages: list[dict], i: int, text: str) -> tuple[int, int]:
-    prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+def _reply_span(tokenizer, messages: list[dict], i: int, text: str, thinking: bool) -> tuple[int, int]:
+    plain = _render(tokenizer, messages[:i], add_generation_prompt=True)
+    prompt = assistant_prompt(tokenizer, messages[:i], thinking)
     through = _render(tokenizer, messages[: i + 1])
-    if not (text.startswith(prompt) and through.startswith(prompt)):
+    if not (text.startswith(plain) and prompt.startswith(plain) and through.startswith(prompt)):
         raise ChatTemplateError(
             f"turn {i}: the chat template renders the conversation before this assistant turn (with the "
             "generation prompt) differently from how the turn starts in the whole conversation"
         )
-    turn = through[len(prompt):]
-    at = turn.find(messages[i]["content"])
+    reply = through[len(prompt):]  # what follows the prompt when this turn is the last one
+    at = reply.find(messages[i]["content"])
     if at < 0:
         raise ChatTemplateError(f"turn {i}: the chat template does not render this assistant reply as given")
-    lead, reply = turn[:at], turn[at:]  # lead: template text before a last reply (Qwen3's empty think block)
-    rest = text[len(prompt):]
-    for before in (lead, ""):
-        if rest.startswith(before + reply):
-            start = len(prompt) + len(before)
-            return start, start + len(reply)
+    rest = text[len(plain):]
+    # as the last turn: after the prompt's own template text (Qwen3's empty think block); an
+    # earlier turn that the template renders without that text: the reply from its content on
+    for before, trained in ((prompt[len(plain):], reply), ("", reply[at:])):
+        if rest.startswith(before + trained):
+            start = len(plain) + len(before)
+            return start, start + len(trained)
     raise ChatTemplateError(
         f"turn {i}: the chat template renders this assistant reply differently inside the whole conversation "
         "than as its last turn, so its tokens cannot be located"
@@ -109,11 +135,11 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 # ------------------------------------------------------------------------ tokenising
 
 
-def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> dict:
+def tokenize_conversation(messages: list[dict], tokenizer, max_length: int, thinking: bool = False) -> dict:
     """Tokenise one conversation: input_ids, labels (-100 outside assistant replies),
     num_label_tokens (count of labels[1:] != -100), length, truncated.
 
-    Control-token text inside a message is tokenised as plain text: it is swapped for a
+    `thinking`: see `assistant_prompt`. Control-token text inside a message is tokenised as plain text: it is swapped for a
     placeholder before rendering and encoded on its own where the placeholder lands.
     """
     literals: list[str] = []
@@ -123,8 +149,9 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> d
         literals.append(match.group(0))
         return _LITERAL.format(len(literals) - 1)
 
-    hidden = [{**message, "content": pattern.sub(hide, message["content"])} for message in messages]
-    text, spans = render_with_spans(hidden, tokenizer)
+    hidden = [{**message, **{key: pattern.sub(hide, message[key]) for key in ("content", "reasoning_content") if message.get(key)}}
+              for message in messages]
+    text, spans = render_with_spans(hidden, tokenizer, thinking)
     input_ids, starts = _encode(tokenizer, text, literals)
     labels = [token if any(begin <= start < end for begin, end in spans) else IGNORE_INDEX
               for token, start in zip(input_ids, starts)]

@@ -111,11 +111,18 @@ def _normalize_turn(turn: Any, j: int, role_key: str, content_key: str, role_nam
         raise DataError(f"turn {j}: '{content_key}' is not a string (got {type(content).__name__})")
     if not content.strip():
         raise DataError(f"turn {j}: empty content")
-    token = find_control_token(content, forbidden)
-    if token is not None:
-        raise DataError(f"turn {j}: the {role_names[role]} text contains the control token {token!r}, which would "
-                        "act as one (a forged turn); remove it, or set control_tokens: as_text to keep it as plain text")
-    return {"role": role_names[role], "content": content}
+    message = {"role": role_names[role], "content": content}
+    reasoning = turn.get("reasoning_content")  # an assistant's reasoning (Qwen3's template renders it in <think>)
+    if reasoning is not None:
+        if message["role"] != "assistant" or not isinstance(reasoning, str) or not reasoning.strip():
+            raise DataError(f"turn {j}: 'reasoning_content' must be non-empty text on an assistant turn")
+        message["reasoning_content"] = reasoning
+    for text in message.values():
+        token = find_control_token(text, forbidden)
+        if token is not None:
+            raise DataError(f"turn {j}: the {role_names[role]} text contains the control token {token!r}, which would "
+                            "act as one (a forged turn); remove it, or set control_tokens: as_text to keep it as plain text")
+    return message
 
 
 def _check_turn_order(roles: list[str]) -> None:
@@ -213,9 +220,11 @@ def _check_control_tokens(mode: str) -> None:
 
 
 def build_dataset(paths: str | Path | Sequence[str | Path], tokenizer, max_length: int, on_bad_record: str = "error",
-                  num_proc: int | None = None, control_tokens: str = "error") -> tuple[datasets.Dataset, DataStats]:
+                  num_proc: int | None = None, control_tokens: str = "error",
+                  thinking: bool = False) -> tuple[datasets.Dataset, DataStats]:
     """Read, validate and tokenise the files into a Dataset with columns
-    input_ids, labels, num_label_tokens, length. No usable record left is a DataError."""
+    input_ids, labels, num_label_tokens, length (`thinking`: `chat.assistant_prompt`).
+    No usable record left is a DataError."""
     _check_on_bad_record(on_bad_record)
     _check_control_tokens(control_tokens)
     if max_length < 2:
@@ -236,7 +245,7 @@ def build_dataset(paths: str | Path | Sequence[str | Path], tokenizer, max_lengt
     tokenized = raw.map(
         _tokenize_record,
         input_columns=["messages", "source"],
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "thinking": thinking},
         remove_columns=["messages", "source"],
         features=FEATURES,
         num_proc=num_proc,
@@ -259,9 +268,9 @@ def build_dataset(paths: str | Path | Sequence[str | Path], tokenizer, max_lengt
     return kept.remove_columns("truncated"), stats
 
 
-def _tokenize_record(messages: list[dict], source: str, tokenizer, max_length: int) -> dict:
+def _tokenize_record(messages: list[dict], source: str, tokenizer, max_length: int, thinking: bool) -> dict:
     try:
-        return tokenize_conversation(messages, tokenizer, max_length)
+        return tokenize_conversation(messages, tokenizer, max_length, thinking)
     except ChatTemplateError as err:
         raise ChatTemplateError(f"{source}: {err}") from None
 
@@ -285,11 +294,11 @@ def data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def preprocess(paths: str | Path | Sequence[str | Path], tokenizer, max_length: int, out_dir: str | Path,
                on_bad_record: str = "error", num_proc: int | None = None, control_tokens: str = "error",
-               log: Callable[[str], None] = print) -> DataStats:
+               log: Callable[[str], None] = print, thinking: bool = False) -> DataStats:
     """Tokenise the files once into `out_dir` (the dataset plus a medcare_data.json manifest)."""
     out = Path(out_dir)
     require_empty_dir(out)
-    dataset, stats = build_dataset(paths, tokenizer, max_length, on_bad_record, num_proc, control_tokens)
+    dataset, stats = build_dataset(paths, tokenizer, max_length, on_bad_record, num_proc, control_tokens, thinking)
     dataset.save_to_disk(str(out / DATASET_SUBDIR))
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -298,6 +307,7 @@ def preprocess(paths: str | Path | Sequence[str | Path], tokenizer, max_length: 
         "max_length": max_length,
         "on_bad_record": on_bad_record,
         "control_tokens": control_tokens,
+        "thinking": thinking,
         "stats": asdict(stats),
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -311,22 +321,22 @@ def _describe_file(path: Path) -> dict:
 
 def load_dataset_for_training(spec: str | Path | Sequence[str | Path], tokenizer, max_length: int,
                               on_bad_record: str = "error", num_proc: int | None = None, control_tokens: str = "error",
-                              log: Callable[[str], None] = print) -> tuple[datasets.Dataset, DataStats]:
+                              log: Callable[[str], None] = print, thinking: bool = False) -> tuple[datasets.Dataset, DataStats]:
     """The training dataset from a preprocessed directory (checked against the tokenizer,
     max_length and the record rules) or built from data files; logs a one-line summary."""
     _check_on_bad_record(on_bad_record)
     _check_control_tokens(control_tokens)
     files = data_files(spec)
     if len(files) == 1 and files[0].is_dir():
-        dataset, stats = _load_preprocessed(files[0], tokenizer, max_length, on_bad_record, control_tokens)
+        dataset, stats = _load_preprocessed(files[0], tokenizer, max_length, on_bad_record, control_tokens, thinking)
     else:
-        dataset, stats = build_dataset(files, tokenizer, max_length, on_bad_record, num_proc, control_tokens)
+        dataset, stats = build_dataset(files, tokenizer, max_length, on_bad_record, num_proc, control_tokens, thinking)
     log(stats.summary(max_length))
     return dataset, stats
 
 
 def _load_preprocessed(directory: Path, tokenizer, max_length: int, on_bad_record: str,
-                       control_tokens: str) -> tuple[datasets.Dataset, DataStats]:
+                       control_tokens: str, thinking: bool) -> tuple[datasets.Dataset, DataStats]:
     manifest_path = directory / MANIFEST_NAME
     if not manifest_path.is_file():
         raise DataError(f"{directory} is a directory without {MANIFEST_NAME}: not a preprocessed dataset")
@@ -336,6 +346,9 @@ def _load_preprocessed(directory: Path, tokenizer, max_length: int, on_bad_recor
     if manifest["max_length"] != max_length:
         raise DataError(f"{directory} was preprocessed with max_length {manifest['max_length']}, "
                         f"but max_length {max_length} was asked for: preprocess again")
+    if manifest.get("thinking", False) != thinking:
+        raise DataError(f"{directory} was preprocessed with thinking {manifest.get('thinking', False)}, "
+                        f"but thinking {thinking} was asked for: preprocess again")
     made_with, given = manifest["tokenizer"], tokenizer_fingerprint(tokenizer)
     if made_with["fingerprint"] != given:
         raise DataError(f"{directory} was tokenised with a different tokenizer (vocab size "

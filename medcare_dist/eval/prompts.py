@@ -4,8 +4,10 @@ A question is one user turn: the question, one line per option ("A. text"), and 
 instruction to answer in the form "The answer is X." (English) or "答案为X。" (Chinese: a
 question with CJK characters); multiple-answer questions ask for all correct letters ("The
 answer is AC."). K-shot prompts put K solved questions before it, each a user turn and an
-assistant turn that is the answer sentence. The conversation is rendered with the model's
-chat template and its generation prompt.
+assistant turn that is the answer sentence. The conversation is rendered up to the
+assistant's reply exactly as training rendered it (`data.chat.assistant_prompt`: for Qwen3
+with the empty think block unless thinking is kept), so a prompt plus a gold answer is the
+training rendering of that conversation.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 import unicodedata
 from typing import Sequence
 
+from medcare_dist.data.chat import assistant_prompt
 from medcare_dist.eval.exam_files import ExamRecord
 from medcare_dist.errors import ConfigError
 
@@ -47,12 +50,12 @@ def exam_messages(record: ExamRecord, shots: Sequence[ExamRecord] = ()) -> list[
     return messages + [{"role": "user", "content": question_turn(record)}]
 
 
-def exam_prompt(tokenizer, record: ExamRecord, shots: Sequence[ExamRecord] = ()) -> str:
-    """The chat-template rendering of the (few-shot) question, ending with the generation prompt."""
-    return tokenizer.apply_chat_template(exam_messages(record, shots), tokenize=False, add_generation_prompt=True)
+def exam_prompt(tokenizer, record: ExamRecord, shots: Sequence[ExamRecord] = (), thinking: bool = False) -> str:
+    """The (few-shot) question rendered up to where the assistant answers (`assistant_prompt`)."""
+    return assistant_prompt(tokenizer, exam_messages(record, shots), thinking)
 
 
-def cloze_prompt(tokenizer, record: ExamRecord, shots: Sequence[ExamRecord] = ()) -> str:
+def cloze_prompt(tokenizer, record: ExamRecord, shots: Sequence[ExamRecord] = (), thinking: bool = False) -> str:
     """The question alone (no options, no instruction) as the user turn, for the cloze method,
     whose continuations are the option texts; shots answer with their gold option's text."""
     messages = []
@@ -60,7 +63,7 @@ def cloze_prompt(tokenizer, record: ExamRecord, shots: Sequence[ExamRecord] = ()
         messages += [{"role": "user", "content": shot.question},
                      {"role": "assistant", "content": "\n".join(shot.options[x] for x in shot.answers)}]
     messages.append({"role": "user", "content": record.question})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return assistant_prompt(tokenizer, messages, thinking)
 
 
 def fewshot_examples(record: ExamRecord, pool: Sequence[ExamRecord], k: int, seed: int,

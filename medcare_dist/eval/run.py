@@ -52,7 +52,7 @@ from medcare_dist.eval.records import RecordStore
 from medcare_dist.eval.report import METHODS, average, exam_result, format_table
 from medcare_dist.eval.prompts import ANSWER_PREFIX, answer_sentence, cloze_prompt, exam_prompt, fewshot_examples, parse_answer
 from medcare_dist.eval.scoring import continuation_logprobs, forced_letters, greedy_generate, letter_token_ids
-from medcare_dist.training.lm_loss import model_lm_loss_sum
+from medcare_dist.training.lm_loss import check_logits_after_head, model_lm_loss_sum
 
 REPORT_FORMAT = "medcare_dist.eval/2"
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -70,6 +70,7 @@ class EvalSettings:
     fewshot_seed: int = 0
     limit: int | None = None  # the first N records of each file
     fmt: str | None = None  # force a benchmark format (benchmarks.FORMATS)
+    thinking: bool = False  # prompts as training rendered them with `thinking` (data.chat.assistant_prompt)
     rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -94,7 +95,7 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def score_records(model, tokenizer, records: list[ExamRecord], shots: list[list[ExamRecord]], s: EvalSettings) -> list[dict]:
     """One row per record: its prompt, gold letters and each method's prediction."""
-    prompts = [exam_prompt(tokenizer, r, sh) for r, sh in zip(records, shots)]
+    prompts = [exam_prompt(tokenizer, r, sh, s.thinking) for r, sh in zip(records, shots)]
     prompt_ids = [_encode(tokenizer, p) for p in prompts]
     rows = [{"index": r.index, "subject": r.subject, "gold": r.answer, "multi": r.multi, "prompt": p}
             for r, p in zip(records, prompts)]
@@ -109,7 +110,7 @@ def score_records(model, tokenizer, records: list[ExamRecord], shots: list[list[
             best = max(scores, key=scores.__getitem__)  # the first in option order on a tie
             row["loglik"] = {"scores": scores, "pred": best, "correct": best == row["gold"]}
     if "cloze" in s.methods:
-        q_ids = [_encode(tokenizer, cloze_prompt(tokenizer, r, sh)) for r, sh in zip(records, shots)]
+        q_ids = [_encode(tokenizer, cloze_prompt(tokenizer, r, sh, s.thinking)) for r, sh in zip(records, shots)]
         pairs = [(k, x, _encode(tokenizer, text)) for k, r in enumerate(records) for x, text in r.options.items()]
         flat = continuation_logprobs(model, [q_ids[k] for k, _, _ in pairs], [c for _, _, c in pairs], pad,
                                      s.batch_size, s.device)
@@ -183,7 +184,7 @@ def conversation_loss_sum(model, dataset, indices: list[int], pad_id: int, batch
 def evaluate_conversations(model, tokenizer, path: Path, s: EvalSettings) -> dict:
     from medcare_dist.dist import process_group as dist_utils
 
-    dataset, stats = build_dataset([path], tokenizer, s.max_length)
+    dataset, stats = build_dataset([path], tokenizer, s.max_length, thinking=s.thinking)
     n = len(dataset) if s.limit is None else min(s.limit, len(dataset))
     indices = list(range(s.rank, n, s.world_size))
     loss_sum, tokens = conversation_loss_sum(model, dataset, indices, pad_token_id(tokenizer), s.batch_size, s.device)
@@ -246,6 +247,15 @@ def build_report(model_path: str, artefact: str, dtype: torch.dtype, settings: E
             "elapsed_s": round(elapsed_s, 3)}
 
 
+def _check_thinking(model_path: str, kind: str, thinking: bool) -> None:
+    """A checkpoint is evaluated with the prompts it was trained with (`thinking`, data.chat.assistant_prompt)."""
+    from medcare_dist.artefacts.manifest import STAGE1_CHECKPOINT, STAGE2_CHECKPOINT, checkpoint_config
+
+    if kind in (STAGE1_CHECKPOINT, STAGE2_CHECKPOINT) and checkpoint_config(model_path).thinking != thinking:
+        raise ConfigError(f"{model_path} was trained with thinking: {str(not thinking).lower()}; evaluate it "
+                          f"{'with' if not thinking else 'without'} --thinking, as its prompts were rendered")
+
+
 def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str | None = None, *,
              adapter: str | None = None, records_dir: str | None = None, fewshot_dev: Sequence[str] = (),
              dtype: str = "auto", trust_remote_code: bool = False, timeout_minutes: float = 30.0,
@@ -264,8 +274,10 @@ def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str
         raise ConfigError(f"unknown method(s) {bad} (choose from {', '.join(METHODS)})")
     if s.batch_size < 1 or s.max_new_tokens < 0 or s.max_length < 2 or s.num_fewshot < 0 or (s.limit or 1) < 1:
         raise ConfigError(f"bad settings: {s.public()}")
-    if s.max_new_tokens == 0:  # nothing to generate: the scoring methods only
-        s.methods = tuple(m for m in s.methods if m in ("loglik", "cloze")) or ("loglik",)
+    generating = [m for m in s.methods if m in ("generate", "reference")]
+    if s.max_new_tokens == 0 and generating:
+        raise ConfigError(f"--max-new-tokens 0 generates nothing for --methods {' '.join(generating)}: "
+                          "give --max-new-tokens >= 1, or --methods loglik cloze")
     if not data:
         from medcare_dist.resources import SAMPLE_DIR
 
@@ -275,6 +287,7 @@ def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str
     # bad input fails before the process group and the model load
     files = read_files(data, s, fewshot_dev)
     model_path, kind = check_model_args(model_path, adapter)
+    _check_thinking(model_path, kind, s.thinking)
     torch_dtype = resolve_dtype(dtype)
     store = None
     if records_dir:
@@ -292,6 +305,7 @@ def run_eval(model_path: str | None, data: Sequence[str] | None = None, out: str
 
             datasets.disable_progress_bars()
         model, tokenizer, artefact = load_eval_model(model_path, kind, adapter, torch_dtype, world.device, trust_remote_code)
+        check_logits_after_head(model, world.device)  # scores and losses are computed from the LM head's output
         log(f"eval: {model_path} ({artefact}{', adapter ' + str(adapter) if adapter else ''}), {torch_dtype}, "
             f"{world.world_size} rank(s)")
         s.rank, s.world_size, s.device = world.rank, world.world_size, world.device

@@ -4,7 +4,8 @@ and the reference protocol's forced letter, all on left-padded batches.
 Logits are computed only where they are needed: the decoder's hidden states are gathered at
 the positions that predict a scored token and only those rows go through the LM head, so no
 [batch, tokens, vocab] tensor is built (at a 152k vocabulary that tensor, not the model, is
-what fills memory).
+what fills memory). The model's logit transform (soft-capping, logit scale: training.lm_loss)
+is applied to those rows as the model's own forward would.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from medcare_dist.data.chat import pad_token_id
 from medcare_dist.errors import ConfigError
+from medcare_dist.training.lm_loss import logit_transform
 
 FORCE_BIAS = 100.0  # added to the option letters' logits in the forced step, as the reference does
 
@@ -42,7 +44,7 @@ def logits_at(model, rows: list[list[int]], wanted: list[list[int]], pad_id: int
     row_idx = torch.tensor([i for i, w in enumerate(wanted) for _ in w], dtype=torch.long, device=hidden.device)
     col_idx = torch.tensor([width - len(rows[i]) + p for i, w in enumerate(wanted) for p in w],
                            dtype=torch.long, device=hidden.device)
-    logits = model.get_output_embeddings()(hidden[row_idx, col_idx]).float()
+    logits = logit_transform(model.config)(model.get_output_embeddings()(hidden[row_idx, col_idx]).float())
     return list(logits.split([len(w) for w in wanted]))
 
 

@@ -1,7 +1,9 @@
 """Stage 1 of MedCare, knowledge aggregation: its adapters and its objective.
 
 - `stage1_adapters`: attention LoRA + a mixture of LoRA experts (molora.py) on each FFN
-  projection of a base model;
+  projection of a base model, on the projections `stage1_targets` finds: a fused projection
+  (Phi-3's `qkv_proj`, `gate_up_proj`) or a missing one is refused unless `partial_targets`
+  (`check_stage1_base`, run on a weightless copy of the model before any process group);
 - `RouterObjective`: the optional load-balancing loss, the router load and entropy metrics,
   and router collapse (router_health.py): the metrics record then carries
   `"router_collapse": {projection: [expert, ...]}` and a one-line notice when a collapse starts.
@@ -18,6 +20,7 @@ import torch.nn as nn
 from medcare_dist.adapters.adapter_set import AdapterSet, linear_targets
 from medcare_dist.adapters.lora import LoRA, lora_scale
 from medcare_dist.config import TrainConfig
+from medcare_dist.errors import ConfigError
 from medcare_dist.method.molora import MoLoRA, load_balancing_loss
 from medcare_dist.method.objective import Objective
 from medcare_dist.method.router_health import CollapseDetector, collapse_warning
@@ -25,15 +28,60 @@ from medcare_dist.method.router_health import CollapseDetector, collapse_warning
 
 ATTENTION = "attn_lora"  # adapter groups of a stage-1 model
 MOLORA = "molora"
+# Linears that compute several of the method's projections at once: its per-projection adapters
+# (one attention LoRA each; the gate and up experts) have no meaning on them.
+FUSED = {"qkv_proj": "q, k, v", "query_key_value": "q, k, v", "W_pack": "q, k, v", "wqkv": "q, k, v",
+         "gate_up_proj": "gate, up", "w13": "gate, up"}
+
+
+def stage1_targets(model: nn.Module, cfg: TrainConfig) -> dict[str, list[tuple[str, nn.Linear]]]:
+    """{"attention": [(path, Linear)], "experts": [...]}: the Linears named by cfg.attn_targets
+    and cfg.ffn_targets. A fused projection, or a named projection the model does not have, is
+    refused in one line naming it, unless cfg.partial_targets (then they are left unadapted)."""
+    where = _linear_leaves(model)
+    name = type(model).__name__
+    fused = [f"{path} (fused {FUSED[leaf]})" for leaf, path in where.items() if leaf in FUSED]
+    if fused and not cfg.partial_targets:
+        raise ConfigError(f"{name} fuses projections the method adapts one by one: {', '.join(fused)}; "
+                          "set partial_targets: true to train the other projections only")
+    missing = [leaf for leaf in (*cfg.attn_targets, *cfg.ffn_targets) if leaf not in where]
+    if missing and not cfg.partial_targets:
+        raise ConfigError(f"{name} has no {', '.join(missing)} (attn_targets, ffn_targets): name its projections "
+                          "there, or set partial_targets: true to adapt only those it has")
+    return {"attention": linear_targets(model, [t for t in cfg.attn_targets if t in where]),
+            "experts": linear_targets(model, [t for t in cfg.ffn_targets if t in where])}
+
+
+def check_stage1_base(model: nn.Module, cfg: TrainConfig) -> str:
+    """What stage 1 adapts on `model` (one line for the log); raises as `stage1_targets`."""
+    targets = stage1_targets(model, cfg)
+    parts = []
+    for kind, found in (("attention LoRA", targets["attention"]), ("LoRA experts", targets["experts"])):
+        leaves = sorted({path.rsplit(".", 1)[-1] for path, _ in found})
+        parts.append(f"{kind} on {', '.join(leaves) or 'nothing'} ({len(found)} Linears)")
+    where = _linear_leaves(model)
+    skipped = [leaf for leaf in (*cfg.attn_targets, *cfg.ffn_targets) if leaf not in where]
+    skipped += [f"{leaf} (fused)" for leaf in where if leaf in FUSED]
+    return f"stage 1 adapts: {'; '.join(parts)}" + (f"; not adapted: {', '.join(skipped)}" if skipped else "")
+
+
+def _linear_leaves(model: nn.Module) -> dict[str, str]:
+    """{last path component: the first path} of every nn.Linear in the model."""
+    where: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            where.setdefault(path.rsplit(".", 1)[-1], path)
+    return where
 
 
 def stage1_adapters(model: nn.Module, cfg: TrainConfig) -> AdapterSet:
-    """Attention LoRA on cfg.attn_targets; mixture of LoRA experts on cfg.ffn_targets."""
+    """Attention LoRA on cfg.attn_targets; mixture of LoRA experts on cfg.ffn_targets (`stage1_targets`)."""
     scale = lora_scale(cfg.lora_alpha, cfg.lora_r, cfg.use_rslora)
     adapters = AdapterSet()
-    for path, linear in linear_targets(model, cfg.attn_targets):
+    targets = stage1_targets(model, cfg)
+    for path, linear in targets["attention"]:
         adapters.add(ATTENTION, path, LoRA(linear.in_features, linear.out_features, cfg.lora_r, scale, cfg.lora_dropout))
-    for path, linear in linear_targets(model, cfg.ffn_targets):
+    for path, linear in targets["experts"]:
         adapters.add(
             MOLORA,
             path,

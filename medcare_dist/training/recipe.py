@@ -24,6 +24,7 @@ from medcare_dist.artefacts.hf_io import check_model_dir
 from medcare_dist.artefacts.hub import resolve_model
 from medcare_dist.dist.rank_env import launch_rank, without_local_rank
 from medcare_dist.training.zero3 import enable_activation_checkpointing
+from medcare_dist.training.lm_loss import check_lm_loss, check_logits_after_head
 from medcare_dist.training.metrics import check_report_to
 from medcare_dist.training.resume import check_resume_early
 from medcare_dist.training.trainer import Objective, Trainer
@@ -53,9 +54,11 @@ def build_trainer(
     build_adapters: Callable[[torch.nn.Module, TrainConfig], AdapterSet],
     build_objective: Callable[[AdapterSet, TrainConfig], Objective],
     check_inputs: Callable[[TrainConfig], dict] | None = None,
+    check_base: Callable[[torch.nn.Module, TrainConfig], str] | None = None,
 ) -> Trainer:
     """Check inputs, load data, join the process group, load the partitioned base, attach
-    the adapters. `check_inputs` validates the stage's own inputs and returns what the
+    the adapters. `check_base` refuses a base the stage cannot adapt (on its weightless
+    skeleton) and says what it adapts. `check_inputs` validates the stage's own inputs and returns what the
     checkpoint manifests should record about them. Everything that can be wrong with the
     user's input is found before the process group and the model load."""
     from transformers import AutoTokenizer
@@ -63,7 +66,7 @@ def build_trainer(
     from medcare_dist.dist import process_group as dist_utils
     from medcare_dist.dist import node_local
     from medcare_dist.data.dataset import load_dataset_for_training
-    from medcare_dist.artefacts.hf_model import load_frozen_base, resolve_dtype
+    from medcare_dist.artefacts.hf_model import load_frozen_base, model_skeleton, resolve_dtype
     from medcare_dist.training.zero3 import base_checksum, build_ds_config
 
     dist_utils.check_launch(cfg)  # batch size vs the ranks the launcher started, before any rendezvous
@@ -78,6 +81,10 @@ def build_trainer(
     manifest_extra = check_inputs(cfg) if check_inputs else {}
     source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
     check_model_dir(Path(source.path))
+    skeleton = model_skeleton(source.path, cfg.trust_remote_code)  # what the model is, before any process group
+    check_lm_loss(skeleton, cfg.lm_loss)
+    if check_base:
+        log(check_base(skeleton, cfg))
     check_resume_early(cfg, base_fingerprint(source.path))  # a resume with changed training options fails here, in seconds
     dtype = resolve_dtype(cfg.dtype)
     if dtype == torch.float16 and not torch.cuda.is_available():
@@ -85,7 +92,7 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record,
-                                           control_tokens=cfg.control_tokens, log=log)
+                                           control_tokens=cfg.control_tokens, log=log, thinking=cfg.thinking)
 
     world = dist_utils.init_distributed(cfg.timeout_minutes)
     ds_config = node_local.configure(build_ds_config(cfg.ds_config, cfg, world.world_size, dtype), cfg.ds_config)
@@ -101,6 +108,10 @@ def build_trainer(
     adapters.attach(model, adapter_dtype)
     adapters.train()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    if cfg.lm_loss != "full":  # its logits come from the LM head: they must be the model's own (ZeRO-3 gathers from here on)
+        adapters.eval()
+        check_logits_after_head(engine.module, world.device)
+        adapters.train()
     engine.module.train()
     n_trainable = sum(p.numel() for p in adapters.trainable_parameters())
     log(f"world size {world.world_size}, dtype {dtype}, adapter matmuls {adapter_dtype}, trainable adapter params {n_trainable:,} (unsharded on every rank)")
@@ -115,13 +126,13 @@ def build_trainer(
     return Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), pad_id, manifest, log=log)
 
 
-def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None) -> int:
+def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None, check_base=None) -> int:
     """Entry point of a launcher: bad input ends the process with a one-line error, status 2."""
     from medcare_dist.dist import process_group as dist_utils
 
     try:
         cfg = config_from_argv(sys.argv[1:], stage)
-        build_trainer(cfg, build_adapters, build_objective, check_inputs).fit()
+        build_trainer(cfg, build_adapters, build_objective, check_inputs, check_base).fit()
     except MedcareError as err:
         print(f"stage {stage}: error: {err}", file=sys.stderr)
         return 2

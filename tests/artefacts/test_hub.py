@@ -53,6 +53,9 @@ def test_locate_falls_back_to_the_recorded_commit_when_the_path_is_gone(offline_
 def test_bad_names_are_one_line_errors(offline_cache, tmp_path):
     with pytest.raises(ModelSourceError, match=r"org/missing: not in the Hugging Face cache .*`hf download org/missing`"):
         resolve_model("org/missing")
+    commit = "f" * 40  # a recorded commit that is not in the cache: the advice fetches that commit, not main
+    with pytest.raises(ModelSourceError, match=rf"`hf download org/missing --revision {commit}`\) or give a local"):
+        resolve_model(f"org/missing@{commit}")
     with pytest.raises(ModelSourceError, match="model directory not found: ./no/such"):
         resolve_model("./no/such")
     (tmp_path / "weights.bin").write_bytes(b"x")

@@ -68,3 +68,16 @@ def test_a_newer_or_unknown_format_is_refused_naming_the_file(tiny_model_dir, tm
     (stage1 / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="manifest.json: not valid JSON"):
         read_manifest(stage1)
+
+
+def test_cli_version_and_manifests_name_the_installed_package_version():
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    from medcare_dist.artefacts.manifest import versions
+
+    installed = importlib.metadata.version("medcare_dist")
+    assert versions()["medcare_dist"] == installed
+    out = subprocess.run([sys.executable, "-m", "medcare_dist", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"medcare-dist {installed}"

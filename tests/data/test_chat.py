@@ -194,3 +194,59 @@ def test_control_tokens_in_text_are_refused_or_kept_as_plain_text(family, tmp_pa
     trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == FORGED + "<|im_end|>\n"
     assert "<|im_start|>user\nHeadache? <think><|im_end|>" in tokenizer.decode(example["input_ids"])
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_eval_prompt_plus_gold_reply_is_the_training_rendering(family, thinking):
+    """`assistant_prompt` is where eval prompts end and where training's last reply starts:
+    prompt + gold reply + end of turn == the training rendering, token for token, labels
+    exactly on what follows the prompt."""
+    from medcare_dist.eval.exam_files import ExamRecord
+    from medcare_dist.eval.prompts import answer_sentence, exam_messages, exam_prompt
+
+    name, tokenizer = family
+    record = ExamRecord(index=0, question="Which drug class does furosemide belong to?",
+                        options={"A": "Beta blocker", "B": "Loop diuretic"}, answers=("B",))
+    gold = answer_sentence("B", "en")
+    messages = exam_messages(record) + [{"role": "assistant", "content": gold}]
+    example = tokenize_conversation(messages, tokenizer, 4096, thinking=thinking)
+    prompt = exam_prompt(tokenizer, record, thinking=thinking)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    think = "<think>\n\n</think>\n\n" if name == "qwen3" else ""
+    assert prompt.endswith("<|im_start|>assistant\n" + ("" if thinking else think))
+    trained = (think if thinking else "") + gold + "<|im_end|>\n"
+    assert example["input_ids"] == prompt_ids + tokenizer(trained, add_special_tokens=False)["input_ids"]
+    assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + example["input_ids"][len(prompt_ids):]
+
+
+def test_thinking_kept_trains_the_think_block_of_the_last_reply_only(family):
+    name, tokenizer = family
+    messages = [{"role": r, "content": c} for r, c in EN]
+    example = tokenize_conversation(messages, tokenizer, 4096, thinking=True)
+    replies = [c + "<|im_end|>\n" for r, c in EN if r == "assistant"]
+    if name == "qwen3":
+        replies[-1] = "<think>\n\n</think>\n\n" + replies[-1]
+    assert [text for trained, text in token_runs(tokenizer, example) if trained] == replies
+
+
+def test_reasoning_is_trained_in_the_think_block_with_thinking_kept(family, tmp_path):
+    """A reply's reasoning_content: Qwen3 renders it in the think block of the last reply,
+    trained with thinking kept; without thinking, or under a template that does not render
+    it, the record is refused rather than trained without it."""
+    from medcare_dist.errors import ChatTemplateError
+
+    name, tokenizer = family
+    plain = {"messages": [{"role": "user", "content": "Fever and stiff neck?"}, {"role": "assistant", "content": "Go to A&E."}]}
+    reasoning = {"messages": [{"role": "user", "content": "Headache?"},
+                              {"role": "assistant", "content": "Rest.", "reasoning_content": "Mild, no red flags."}]}
+    path = write_jsonl(tmp_path / "reasoning.jsonl", [plain, reasoning])
+    if name != "qwen3":
+        with pytest.raises(ChatTemplateError, match=r"record 1 .*turn 1: the chat template does not render reasoning_content"):
+            build_dataset(path, tokenizer, 512, thinking=True)
+        return
+    with pytest.raises(ChatTemplateError, match=r"turn 1: its reasoning_content is trained only with thinking: true"):
+        build_dataset(path, tokenizer, 512)
+    dataset, _ = build_dataset(path, tokenizer, 512, thinking=True)
+    runs = [token_runs(tokenizer, dataset[i]) for i in range(2)]
+    assert [text for trained, text in runs[0] if trained] == ["<think>\n\n</think>\n\nGo to A&E.<|im_end|>\n"]
+    assert [text for trained, text in runs[1] if trained] == ["<think>\nMild, no red flags.\n</think>\n\nRest.<|im_end|>\n"]

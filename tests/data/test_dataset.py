@@ -428,3 +428,11 @@ def test_collate_pads_right():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_a_preprocessed_dataset_is_refused_under_another_thinking_setting(tmp_path, tokenizer, good_jsonl):
+    from medcare_dist.data.dataset import load_dataset_for_training, preprocess
+
+    preprocess(good_jsonl, tokenizer, 128, tmp_path / "tok", log=lambda *_: None)
+    with pytest.raises(DataError, match=r"was preprocessed with thinking False, but thinking True was asked for"):
+        load_dataset_for_training(str(tmp_path / "tok"), tokenizer, 128, thinking=True, log=lambda *_: None)

@@ -15,6 +15,7 @@ import torch
 
 from helpers import SAMPLE, free_port, run_launcher, write_stage1_checkpoint, write_stage2_checkpoint
 from medcare_dist.eval import run as ev
+from medcare_dist.errors import ConfigError
 from medcare_dist.artefacts.loading import load_trained_model
 from medcare_dist.eval.exam_files import ExamRecord, read_eval_file
 from medcare_dist.data.dataset import build_dataset
@@ -427,3 +428,15 @@ def test_eval_table_puts_reports_side_by_side(tmp_path):
     assert lines[2].split() == ["base", "25.00", "12.50", "3.0000"] and lines[3].split() == ["final", "50.00", "25.00", "2.1250"]
     assert main(["eval-table", f"base={tmp_path / 'a.json'}", f"final={tmp_path / 'b.json'}"]) == 0
     assert main(["eval-table", str(tmp_path / "a.json")]) == 2  # not NAME=REPORT
+
+
+@pytest.mark.parametrize("methods", [("generate",), ("loglik", "reference")])
+def test_generating_methods_with_zero_new_tokens_are_an_error(tiny_model_dir, methods):
+    with pytest.raises(ConfigError, match=rf"^--max-new-tokens 0 generates nothing for --methods {methods[-1]}: "):
+        ev.run_eval(str(tiny_model_dir), methods=methods, max_new_tokens=0)
+
+
+def test_a_checkpoint_is_evaluated_with_the_thinking_setting_it_was_trained_with(tiny_model_dir, tmp_path):
+    ckpt = write_stage1_checkpoint(tiny_model_dir, tmp_path / "stage1", thinking=True)
+    with pytest.raises(ConfigError, match=r"was trained with thinking: true; evaluate it with --thinking, as its prompts"):
+        ev.run_eval(str(ckpt), methods=("loglik",))
