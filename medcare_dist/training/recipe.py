@@ -22,6 +22,7 @@ from medcare_dist.errors import ConfigError, MedcareError
 from medcare_dist.data.chat import pad_token_id
 from medcare_dist.artefacts.hf_io import check_model_dir
 from medcare_dist.artefacts.hub import resolve_model
+from medcare_dist.dist.preemption import EXIT_PREEMPTED, StopRequests
 from medcare_dist.dist.rank_env import launch_rank, without_local_rank
 from medcare_dist.training.zero3 import enable_activation_checkpointing
 from medcare_dist.training.metrics import check_report_to
@@ -116,12 +117,17 @@ def build_trainer(
 
 
 def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None) -> int:
-    """Entry point of a launcher: bad input ends the process with a one-line error, status 2."""
+    """Entry point of a launcher: bad input ends the process with a one-line error, status 2; a
+    run stopped by a stop signal or a lost launcher saves and exits with EXIT_PREEMPTED (75)."""
     from medcare_dist.dist import process_group as dist_utils
 
     try:
         cfg = config_from_argv(sys.argv[1:], stage)
-        build_trainer(cfg, build_adapters, build_objective, check_inputs).fit()
+        trainer = build_trainer(cfg, build_adapters, build_objective, check_inputs)
+        with StopRequests(cfg.preempt_signals) as stop:  # signals and a lost launcher: save, then exit EXIT_PREEMPTED
+            trainer.fit(stop)
+        if trainer.stop_reason:
+            return EXIT_PREEMPTED
     except MedcareError as err:
         print(f"stage {stage}: error: {err}", file=sys.stderr)
         return 2

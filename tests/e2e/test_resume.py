@@ -170,3 +170,90 @@ def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_
     assert (out / "latest").read_text().strip() == "checkpoint-14"
     replaced = load_file(str(out / "checkpoint-12" / "adapters.safetensors"))
     assert any(not torch.equal(replaced[n], t) for n, t in final_adapters(uninterrupted).items())
+
+
+def session_processes(leader: int) -> list:
+    """The live processes of the session that `leader` started (start_new_session=True)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def start_run(cmd, log_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def assert_same_final_adapters(want_dir, got_dir, what):
+    want, got = final_adapters(want_dir), final_adapters(got_dir)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"{name} differs after resume ({what})"
+
+
+def stopped_step(out, log_text):
+    """The step a stopped run saved: the last one it logged, named by `latest` and the log."""
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (out / "latest").read_text().strip() == f"checkpoint-{step}"
+    assert load_checkpoint(out / f"checkpoint-{step}")["state"].step == step
+    return step
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_process_group_saves_the_step_reached_and_resume_auto_is_bitwise_equal(uninterrupted, tiny_model_dir,
+                                                                                              uneven_data, tmp_path):
+    """What SLURM does at preemption and at the time limit: SIGTERM to every process of the
+    job (the deepspeed runner forwards it to the ranks again: one request, not two)."""
+    out = tmp_path / "preempted"
+    proc = start_run(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port()), tmp_path / "preempted.log")
+    try:
+        wait_for_step(out / "metrics.jsonl", 5, proc, time.time() + 300)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        for p in session_processes(proc.pid):
+            p.kill()
+    log = (tmp_path / "preempted.log").read_text()
+    step = stopped_step(out, log)
+    assert 5 <= step < STEPS, log[-3000:]
+    assert f"stopped at step {step}/{STEPS} (SIGTERM): checkpoint-{step} saved; exit status 75" in log, log[-3000:]
+    assert "exiting now without saving" not in log
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port(), "--resume", "auto"), tmp_path / "resumed.log")
+    assert f"resumed from {out / f'checkpoint-{step}'} at step {step}" in (tmp_path / "resumed.log").read_text()
+    assert_same_final_adapters(uninterrupted, out, f"SIGTERM at step {step}")
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_runner_alone_leaves_no_rank_running(tiny_model_dir, uneven_data, tmp_path):
+    """The runner killed alone used to leave launch.py and both ranks training as orphans:
+    each rank watches its launcher, saves the step reached and exits (status 75)."""
+    out = tmp_path / "orphaned"
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port())
+    cmd[cmd.index("--max_steps") + 1] = "500"
+    proc = start_run(cmd, tmp_path / "orphaned.log")
+    try:
+        wait_for_step(out / "metrics.jsonl", 3, proc, time.time() + 300)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        left = [" ".join(p.cmdline()[:4]) for p in session_processes(proc.pid)]
+    finally:
+        for p in session_processes(proc.pid):
+            p.kill()
+    assert not left, f"still running 30 s after the runner's SIGTERM: {left}"
+    log = (tmp_path / "orphaned.log").read_text()
+    step = stopped_step(out, log)
+    assert f"stopped at step {step}/500 (launcher process {proc.pid} exited)" in log, log[-3000:]
