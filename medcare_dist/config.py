@@ -146,7 +146,7 @@ class TrainConfig:
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         read_ds_config(self.ds_config)  # exists and parses: found now, not after the data load and the rendezvous
-        if self.overwrite and self.resume:
+        if self.overwrite and self.resume and (self.resume == "auto" or Path(self.resume).resolve().parent == Path(self.output_dir).resolve()):
             raise ConfigError(f"--overwrite deletes the checkpoints that --resume {self.resume} would continue from: pass one of them")
         self.resume_override = [n for item in self.resume_override for n in item.split(",") if n]  # `lr,max_steps` or `lr max_steps`
         unknown = [name for name in self.resume_override if name not in _FIELDS]

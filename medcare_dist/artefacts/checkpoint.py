@@ -51,14 +51,25 @@ def previous_run_outputs(output_dir: Path) -> list[Path]:
     return sorted(p for pattern in RUN_OUTPUTS for p in Path(output_dir).glob(pattern))
 
 
+def resumes_from_elsewhere(output_dir: Path, resume: str) -> bool:
+    """--resume PATH of a checkpoint that is not in output_dir (another run's)."""
+    return bool(resume) and resume != "auto" and Path(resume).resolve().parent != Path(output_dir).resolve()
+
+
 def check_output_dir(output_dir: Path, resume: str, overwrite: bool) -> None:
-    """A fresh run (no --resume) into a dir holding another run's checkpoints or metrics would
-    mix or destroy them: refuse, before any expensive work, unless --overwrite."""
-    if resume or overwrite:
+    """A fresh run (no --resume), or a resume of another dir's checkpoint, into a dir holding
+    another run's checkpoints or metrics would mix or destroy them: refuse, before any
+    expensive work, unless --overwrite."""
+    if overwrite or resume and not resumes_from_elsewhere(output_dir, resume):
         return
     found = previous_run_outputs(output_dir)
     if found:
         listed = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        if resume:
+            raise OutputExistsError(
+                f"--resume {resume} continues another run's checkpoint, but output_dir {output_dir} holds a different run "
+                f"({listed}): choose a new --output_dir, or pass --overwrite to delete that run first"
+            )
         raise OutputExistsError(
             f"output_dir {output_dir} holds an earlier run ({listed}): pass --resume auto to continue it, "
             "choose a new --output_dir, or pass --overwrite to delete it and start again"

@@ -17,6 +17,7 @@ from medcare_dist.adapters.adapter_set import AdapterSet, adapter_compute_dtype
 from medcare_dist.artefacts.manifest import base_fingerprint, base_record, versions
 from medcare_dist.files import require_output_dir
 from medcare_dist.artefacts.checkpoint import check_output_dir
+from medcare_dist.artefacts.run_lock import RunLock
 from medcare_dist.config import TrainConfig, load_config, options_help, parse_overrides
 from medcare_dist.errors import ConfigError, MedcareError
 from medcare_dist.data.chat import pad_token_id
@@ -75,7 +76,10 @@ def build_trainer(
 
         datasets.disable_progress_bars()
     check_report_to(cfg.report_to)
-    check_output_dir(require_output_dir(cfg.output_dir), cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
+    out_dir = require_output_dir(cfg.output_dir)
+    if is_main:  # one writer per output_dir, before anything is written; creates the dir (a one-line error if it cannot)
+        RunLock.take(out_dir, log=log)
+    check_output_dir(out_dir, cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
     manifest_extra = check_inputs(cfg) if check_inputs else {}
     source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
     check_model_dir(Path(source.path))

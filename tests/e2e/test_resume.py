@@ -257,3 +257,45 @@ def test_sigterm_to_the_runner_alone_leaves_no_rank_running(tiny_model_dir, unev
     log = (tmp_path / "orphaned.log").read_text()
     step = stopped_step(out, log)
     assert f"stopped at step {step}/500 (launcher process {proc.pid} exited)" in log, log[-3000:]
+
+
+@pytest.mark.distributed
+def test_a_second_run_into_a_running_dir_is_refused_naming_the_first(uninterrupted, tiny_model_dir, uneven_data, tmp_path):
+    """Two runs started into one output_dir used to both finish, the second's checkpoints
+    replacing the first's and metrics.jsonl interleaving both."""
+    import sys
+
+    out = tmp_path / "shared"
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port())
+    cmd[cmd.index("--max_steps") + 1] = "400"  # still running when the second run is refused, then stopped by SIGTERM
+    first = start_run(cmd, tmp_path / "first.log")
+    try:
+        wait_for_step(out / "metrics.jsonl", 2, first, time.time() + 300)
+        holder = json.loads((out / ".medcare.lock").read_text())
+        named = f"output_dir {out} is in use by another run (pid {holder['pid']} on host {holder['host']}, started "
+        for label, extra in (("fresh", []), ("resume", ["--resume", "auto"])):  # a fresh start and a resume, through the launcher
+            second = subprocess.run(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port(), *extra), cwd=REPO, capture_output=True,
+                                    text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+            assert second.returncode != 0 and named in second.stdout + second.stderr, (label, (second.stdout + second.stderr)[-3000:])
+            assert first.poll() is None, "the first run ended before the second was refused"
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=60)
+        deadline = time.time() + 30
+        while session_processes(first.pid) and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        for p in session_processes(first.pid):
+            p.kill()
+    step = stopped_step(out, (tmp_path / "first.log").read_text())  # the first run's checkpoints and metrics are its own
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 1))
+    assert not (out / ".medcare.lock").exists()
+
+    # --resume of another run's checkpoint into this used dir: refused unless --overwrite
+    cmd = [sys.executable, "launch/stage1.py", *stage1_cmd(tiny_model_dir, uneven_data, out, 1, 0, "--resume",
+                                                           str(uninterrupted / "checkpoint-8"))[6:]]
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"stage 1: error: --resume {uninterrupted / 'checkpoint-8'} continues another run's checkpoint, but output_dir {out} holds "
+        f"a different run ({', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))}): choose a new --output_dir, or pass --overwrite "
+        "to delete that run first")
