@@ -36,7 +36,7 @@ import torch
 from medcare_dist.dist import process_group as dist_utils
 from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.artefacts.manifest import adapter_digest, data_fingerprint
-from medcare_dist.artefacts.checkpoint import TrainState, clear_previous_run, load_checkpoint, save_checkpoint
+from medcare_dist.artefacts.checkpoint import TrainState, checkpoint_bytes, clear_previous_run, load_checkpoint, require_room, save_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
 from medcare_dist.data.batching import collate, collate_packed, pieces_for_rank, plan_global_batches, split_global_batch
 from medcare_dist.data.chat import IGNORE_INDEX
@@ -360,6 +360,9 @@ class Trainer:
             if removed:
                 self.log(f"--overwrite: deleted the earlier run's {', '.join(removed)} from {self.out_dir}")
         dist_utils.barrier()
+        if self.world.is_main:  # a full disk found now, not after hours of training (the AdamW moments: two per weight)
+            flat = self.adapters.flat_state_dict()
+            require_room(self.out_dir, "a checkpoint", checkpoint_bytes(flat, {"exp_avg": flat, "exp_avg_sq": flat}))
         self.maybe_resume()
         self._last_save_at, self._saved_step = time.monotonic(), self.state.step
         bar = tqdm(total=self.num_steps, initial=self.state.step, disable=not self.world.is_main, desc=f"stage {cfg.stage}", dynamic_ncols=True)

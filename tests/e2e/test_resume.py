@@ -123,7 +123,9 @@ def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_p
     with pytest.raises(OSError):
         save(2)
     monkeypatch.undo()
-    assert (tmp_path / ".checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()
+    assert not (tmp_path / ".checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()  # a failed save cleans up
+    (tmp_path / ".checkpoint-2.tmp").mkdir()  # what a kill part way leaves
+    (tmp_path / ".checkpoint-2.tmp" / "adapters.safetensors").write_bytes(b"partial")
     chosen = find_resume_checkpoint(tmp_path, "auto")
     assert chosen.name == "checkpoint-1"
     assert float(load_checkpoint(chosen)["adapters"]["w"][0]) == 1.0
