@@ -28,6 +28,7 @@ from pathlib import Path
 from medcare_dist.errors import OutputDirError, OutputInUseError
 
 LOCK_FILE = ".medcare.lock"
+_held: list["RunLock"] = []  # this process's locks, released by release_held (the launcher's exit, or atexit)
 HEARTBEAT_S = float(os.environ.get("MEDCARE_LOCK_HEARTBEAT_S", 30))
 STALE_AFTER_S = float(os.environ.get("MEDCARE_LOCK_STALE_S", 600))
 
@@ -114,7 +115,9 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(lock.record, f)
             threading.Thread(target=lock._beat, name="medcare-run-lock", daemon=True).start()
-            atexit.register(lock.release)
+            if not _held:
+                atexit.register(release_held)
+            _held.append(lock)
             return lock
         raise OutputInUseError(f"output_dir {output_dir}: could not take its lock {lock.path} (other runs keep taking it)")
 
@@ -141,3 +144,9 @@ class RunLock:
         self._stop.set()
         if self._mine():
             self.path.unlink(missing_ok=True)
+
+
+def release_held() -> None:
+    """Release every lock this process holds: at the end of a run, also one that failed."""
+    while _held:
+        _held.pop().release()

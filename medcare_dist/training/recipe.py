@@ -17,7 +17,7 @@ from medcare_dist.adapters.adapter_set import AdapterSet, adapter_compute_dtype
 from medcare_dist.artefacts.manifest import base_fingerprint, base_record, versions
 from medcare_dist.files import require_output_dir
 from medcare_dist.artefacts.checkpoint import check_output_dir
-from medcare_dist.artefacts.run_lock import RunLock
+from medcare_dist.artefacts.run_lock import RunLock, release_held
 from medcare_dist.config import TrainConfig, load_config, options_help, parse_overrides
 from medcare_dist.errors import ConfigError, MedcareError
 from medcare_dist.data.chat import pad_token_id
@@ -136,5 +136,6 @@ def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=Non
         print(f"stage {stage}: error: {err}", file=sys.stderr)
         return 2
     finally:
+        release_held()  # the output_dir lock (rank 0)
         dist_utils.shutdown()
     return 0
