@@ -33,13 +33,18 @@ WATCH_EVERY_S = 1.0
 
 
 def _say(text: str) -> None:
-    print(f"[medcare_dist] rank {os.environ.get('RANK', '0')}: {text}", file=sys.stderr, flush=True)
+    """Unbuffered: a signal handler must not re-enter the stderr buffer that tqdm may be writing."""
+    os.write(sys.stderr.fileno(), f"[medcare_dist] rank {os.environ.get('RANK', '0')}: {text}\n".encode())
 
 
 def launcher_pids() -> list[int]:
     """The processes whose death orphans this rank: its parent, and for the deepspeed runner's
-    per-node `launch.py` the runner above it (killing the runner alone leaves launch.py)."""
+    per-node `launch.py` the runner above it (killing the runner alone leaves launch.py). None
+    for a process started without a launcher: its parent is a shell, which `nohup` outlives."""
     import psutil
+
+    if "RANK" not in os.environ:  # set by every launcher (or from its variables: rank_env.env_from_launcher)
+        return []
 
     try:
         parent = psutil.Process(os.getppid())
