@@ -342,8 +342,7 @@ class Trainer:
         if (stopping or timed) and self._saved_step != step:
             self.save()
         if stopping:
-            why = stop.reason if stop.reason else "a stop request on another rank"
-            self.stop_reason = why
+            self.stop_reason = why = (stop.reason if stop is not None else None) or "a stop request on another rank"
             self.log(f"stopped at step {step}/{self.num_steps} ({why}): checkpoint-{step} saved; "
                      f"exit status {EXIT_PREEMPTED}; --resume auto continues")
         return stopping
