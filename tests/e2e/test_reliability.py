@@ -1,6 +1,6 @@
 """Faults and bad input around a run: used output dirs, pruning after a resume from an older
 step, metrics after a resume, changed options on resume, ranks that disagree on the
-checkpoint, fp16 gradients, a rank that stops answering, a stale JIT lock.
+checkpoint, fp16 gradients, a rank that stops answering, a stale JIT lock, a rank that never joins.
 docs/reliability.md lists each with the test that covers it."""
 
 import copy

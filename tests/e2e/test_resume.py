@@ -1,4 +1,5 @@
-"""Resume: exact after a SIGKILL, atomic saves, and a different world size.
+"""Resume: exact after a SIGKILL and after a SIGTERM (which saves the step reached), atomic
+saves, a different world size; no orphaned ranks; one run per output_dir.
 
 The runs train on 29 records with a global batch of 8: every epoch ends with a short batch of
 5, and 12 steps cross two epoch ends, so the world-size claim is tested where it is hardest
