@@ -26,17 +26,21 @@ def _preprocess(args) -> None:
 
 def _prepare_stage2(args) -> None:
     from medcare_dist.artefacts.stage2_base import prepare_stage2
+    from medcare_dist.files import reading
 
-    prepare_stage2(args.stage1, args.out, max_shard_size=args.max_shard_size)
+    with reading(args.stage1):
+        prepare_stage2(args.stage1, args.out, max_shard_size=args.max_shard_size)
 
 
 def _export(args) -> None:
     from medcare_dist.artefacts.export import export_adapter, export_merged
+    from medcare_dist.files import reading
 
-    if args.adapter_only:
-        export_adapter(args.checkpoint, args.out)
-    else:
-        export_merged(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    with reading(args.checkpoint):
+        if args.adapter_only:
+            export_adapter(args.checkpoint, args.out)
+        else:
+            export_merged(args.checkpoint, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
 
 
 def _eval(args) -> None:

@@ -39,6 +39,7 @@ def option(default, help: str, group: str, *, choices: tuple = (), runtime: bool
 
 
 _POSITIVE = (lambda v: v >= 1, ">= 1")
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")  # what preempt_signals may name
 
 
 @dataclass
@@ -120,6 +121,11 @@ class TrainConfig:
     log_every: int = option(10, "steps between log records", "runtime", runtime=True, check=(lambda v: v >= 1, ">= 1"))
     save_every: int = option(0, "steps between checkpoints (0: at the end only)", "runtime", runtime=True,
                              check=(lambda v: v >= 0, ">= 0 (0: save at the end only)"))
+    save_every_minutes: float = option(0.0, "also save when this many minutes passed since the last save (0: off); ranks agree",
+                                       "runtime", runtime=True, check=(lambda v: v >= 0, ">= 0 (0: off)"))
+    preempt_signals: list[str] = option(["SIGTERM", "SIGINT", "SIGUSR1"], "signals that save a checkpoint at the end of the step, "
+                                        "then exit with status 75 (a repeat exits at once)", "runtime", runtime=True,
+                                        check=(lambda v: set(v) <= set(STOP_SIGNALS), f"a list of {', '.join(STOP_SIGNALS)}"))
     keep_last: int = option(0, "checkpoints kept (0: all)", "runtime", runtime=True, check=(lambda v: v >= 0, ">= 0 (0: keep all)"))
     resume: str = option("", "auto (the newest complete checkpoint in output_dir, if any) or a checkpoint path", "runtime",
                          runtime=True)
@@ -144,7 +150,7 @@ class TrainConfig:
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         read_ds_config(self.ds_config)  # exists and parses: found now, not after the data load and the rendezvous
-        if self.overwrite and self.resume:
+        if self.overwrite and self.resume and (self.resume == "auto" or Path(self.resume).resolve().parent == Path(self.output_dir).resolve()):
             raise ConfigError(f"--overwrite deletes the checkpoints that --resume {self.resume} would continue from: pass one of them")
         self.resume_override = [n for item in self.resume_override for n in item.split(",") if n]  # `lr,max_steps` or `lr max_steps`
         unknown = [name for name in self.resume_override if name not in _FIELDS]

@@ -14,6 +14,8 @@ Anything else is a bug and keeps its traceback. Each kind names the input at fau
     FormatError            a file that is not in the format its reader expects
     InputNotFoundError     a named input file or directory does not exist (a FileNotFoundError)
     OutputExistsError      an output directory exists and is not empty (a FileExistsError)
+    OutputDirError         an output directory that cannot be created or has no room for a save
+      OutputInUseError     an output directory locked by another run (names the holder)
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ class InputNotFoundError(MedcareError, FileNotFoundError):
 
 class OutputExistsError(MedcareError, FileExistsError):
     pass
+
+
+class OutputDirError(MedcareError, OSError):
+    """An output directory that cannot be created, or has no room for what must be written."""
+
+
+class OutputInUseError(OutputDirError):
+    """Another run holds the output directory's lock (artefacts/run_lock.py)."""
 
 
 class AdapterLayoutError(CheckpointError, KeyError):

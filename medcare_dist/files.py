@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from medcare_dist.errors import OutputExistsError
+from medcare_dist.errors import CheckpointError, OutputExistsError
 
 DIGEST_CACHE = ".medcare_digests.json"  # beside the files it describes: {name: {size, mtime_ns, sha256}}
 
@@ -80,3 +81,26 @@ def require_empty_dir(out_dir: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise OutputExistsError(f"output directory {out} exists and is not empty")
     return out
+
+
+def _listing(directory: Path) -> dict | None:
+    try:
+        return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()}
+    except OSError:
+        return None
+
+
+@contextmanager
+def reading(directory: str | Path):
+    """Read an artefact dir that a running job may prune (keep_last) or replace meanwhile: an
+    error raised after it vanished or changed says so, instead of naming whichever of its
+    files went missing first."""
+    directory = Path(directory)
+    before = _listing(directory)
+    try:
+        yield
+    except Exception:
+        if before is not None and _listing(directory) != before:
+            raise CheckpointError(f"{directory} was removed or changed while being read: pruned by a running job (keep_last)? "
+                                  "Read a checkpoint the job keeps, or copy it first") from None
+        raise

@@ -24,6 +24,8 @@ def load(yaml_text: str | None = None, tmp_path=None, argv: list[str] | None = N
     ("warmup_ratio", "-0.1", r"in \[0, 1\]"),
     ("epochs", "0", "> 0"),
     ("save_every", "-1", ">= 0"),
+    ("save_every_minutes", "-5", r">= 0 \(0: off\)"),
+    ("preempt_signals", "SIGTERM,SIGKILL", "a list of SIGTERM, SIGINT, SIGUSR1, SIGUSR2, SIGHUP"),
     ("keep_last", "-2", ">= 0"),
     ("max_grad_norm", "-1", ">= 0"),
     ("ortho_lambda", "-1", "finite and >= 0"),
@@ -40,6 +42,10 @@ def test_out_of_range_values_are_refused_naming_the_option(option, value, wanted
 def test_good_values_load():
     cfg = load(argv=["--lr", "1e-4", "--warmup_ratio", "1", "--max_grad_norm", "0", "--max_steps", "5"])
     assert (cfg.lr, cfg.warmup_ratio, cfg.max_grad_norm, cfg.max_steps) == (1e-4, 1.0, 0.0, 5)
+    cfg = load(argv=["--preempt_signals", "SIGUSR1", "SIGTERM", "--save_every_minutes", "30"])
+    assert (cfg.preempt_signals, cfg.save_every_minutes) == (["SIGUSR1", "SIGTERM"], 30.0)
+    # --overwrite with --resume of another dir's checkpoint: the run it deletes is not the one it resumes
+    load(argv=["--output_dir", "runs/new", "--resume", "runs/old/checkpoint-8", "--overwrite"])
 
 
 def test_an_empty_yaml_value_is_an_error_not_the_string_none(tmp_path):

@@ -27,6 +27,7 @@ checkpoint just written, which `latest` names.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medcare_dist.artefacts.manifest import ADAPTERS_FILE, checkpoint_kind, new_manifest, CONFIG_FILE, MANIFEST_FILE, read_manifest, record_files, verify_files, write_manifest
-from medcare_dist.errors import CheckpointError, OutputExistsError
+from medcare_dist.errors import CheckpointError, OutputDirError, OutputExistsError
 
 LATEST_FILE = "latest"
 
@@ -51,14 +52,25 @@ def previous_run_outputs(output_dir: Path) -> list[Path]:
     return sorted(p for pattern in RUN_OUTPUTS for p in Path(output_dir).glob(pattern))
 
 
+def resumes_from_elsewhere(output_dir: Path, resume: str) -> bool:
+    """--resume PATH of a checkpoint that is not in output_dir (another run's)."""
+    return bool(resume) and resume != "auto" and Path(resume).resolve().parent != Path(output_dir).resolve()
+
+
 def check_output_dir(output_dir: Path, resume: str, overwrite: bool) -> None:
-    """A fresh run (no --resume) into a dir holding another run's checkpoints or metrics would
-    mix or destroy them: refuse, before any expensive work, unless --overwrite."""
-    if resume or overwrite:
+    """A fresh run (no --resume), or a resume of another dir's checkpoint, into a dir holding
+    another run's checkpoints or metrics would mix or destroy them: refuse, before any
+    expensive work, unless --overwrite."""
+    if overwrite or resume and not resumes_from_elsewhere(output_dir, resume):
         return
     found = previous_run_outputs(output_dir)
     if found:
         listed = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        if resume:
+            raise OutputExistsError(
+                f"--resume {resume} continues another run's checkpoint, but output_dir {output_dir} holds a different run "
+                f"({listed}): choose a new --output_dir, or pass --overwrite to delete that run first"
+            )
         raise OutputExistsError(
             f"output_dir {output_dir} holds an earlier run ({listed}): pass --resume auto to continue it, "
             "choose a new --output_dir, or pass --overwrite to delete it and start again"
@@ -110,13 +122,23 @@ def save_checkpoint(
     tmp = output_dir / f".checkpoint-{state.step}.tmp"
     save_order = 1 + max((_save_order(p) for p in list_checkpoints(output_dir)), default=0)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in adapter_tensors.items()}, str(tmp / ADAPTERS_FILE))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    _write_json(tmp / "trainer_state.json", asdict(state))
-    _write_json(tmp / CONFIG_FILE, config)
-    write_manifest(tmp, {**new_manifest(checkpoint_kind(manifest["stage"]), manifest), "step": state.step, "save_order": save_order, "files": record_files(tmp),
-                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    needed = checkpoint_bytes(adapter_tensors, optimizer_state)
+    require_room(output_dir, final.name, needed)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in adapter_tensors.items()}, str(tmp / ADAPTERS_FILE))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        _write_json(tmp / "trainer_state.json", asdict(state))
+        _write_json(tmp / CONFIG_FILE, config)
+        write_manifest(tmp, {**new_manifest(checkpoint_kind(manifest["stage"]), manifest), "step": state.step, "save_order": save_order,
+                             "files": record_files(tmp), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except Exception as err:  # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as its own
+        free = shutil.disk_usage(output_dir).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        if getattr(err, "errno", None) == errno.ENOSPC or free < min(needed, 1 << 20):
+            raise _no_room(output_dir, final.name, free, needed, "; the partial save was removed") from None
+        raise
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -138,6 +160,36 @@ def save_checkpoint(
         for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old)
     return final
+
+
+def checkpoint_bytes(adapter_tensors: dict[str, torch.Tensor], optimizer_state: dict) -> int:
+    """About what a checkpoint takes on disk: its tensors (adapters in fp32), plus 10% and 1 MiB
+    for headers, pickling and the small files."""
+    def tensors(obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                yield from tensors(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                yield from tensors(v)
+
+    size = sum(t.numel() * 4 for t in adapter_tensors.values()) + sum(t.numel() * t.element_size() for t in tensors(optimizer_state))
+    return int(size * 1.1) + (1 << 20)
+
+
+def require_room(output_dir: Path, name: str, needed: int) -> None:
+    """A one-line OutputDirError, before anything is written, when `output_dir` has less free
+    space than `needed` bytes."""
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise _no_room(output_dir, name, free, needed, "")
+
+
+def _no_room(output_dir: Path, name: str, free: int, needed: int, note: str) -> OutputDirError:
+    return OutputDirError(f"no room for {name} in {output_dir}: {free:,} bytes free, about {needed:,} needed (disk full){note}; "
+                          "the previous checkpoint and `latest` are intact")
 
 
 def _save_order(path: Path) -> int:

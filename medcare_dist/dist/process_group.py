@@ -162,6 +162,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
 
     clear_stale_locks()  # a lock left by a killed process would make DeepSpeed's comm-op load below wait forever
     use_cuda = torch.cuda.is_available()
+    joined = threading.Event()
+    if not alone:
+        threading.Thread(target=_note_while_joining, args=(joined, timeout_s), name="medcare-join-note", daemon=True).start()
     try:
         deepspeed.init_distributed(
             dist_backend="nccl" if use_cuda else "gloo",
@@ -177,6 +180,8 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
             f"{one_line(str(err))}. A rank that failed before joining says why in its own log; otherwise check that "
             "every node was started with the same hostfile/world size, MASTER_ADDR and MASTER_PORT"
         ) from None
+    finally:
+        joined.set()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -193,6 +198,18 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
         _liveness = Liveness.start(world, grace_s=min(30.0, timeout_s), gather_objects=gather_objects,
                                    silence_s=unresponsive_after(timeout_s))
     return world
+
+
+def _note_while_joining(joined: threading.Event, timeout_s: float) -> None:
+    """The rendezvous itself says nothing until its timeout (30 minutes by default): say every
+    MEDCARE_JOIN_NOTE_S seconds (default 60) that this rank still waits, and for what."""
+    every_s = float(os.environ.get("MEDCARE_JOIN_NOTE_S", 60))
+    start = time.monotonic()
+    while not joined.wait(every_s):
+        print(f"[medcare_dist] rank {os.environ['RANK']} on host {socket.gethostname()}: still waiting for all "
+              f"{os.environ['WORLD_SIZE']} ranks to join at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+              f"({time.monotonic() - start:.0f} s of the {timeout_s:.0f} s timeout): a rank that failed says why in its own "
+              "log; a node whose launcher never started shows nothing", file=sys.stderr, flush=True)
 
 
 def shutdown() -> None:

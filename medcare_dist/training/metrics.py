@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from medcare_dist.config import ConfigError
+from medcare_dist.errors import OutputDirError
 
 REPORT_TO_CHOICES = ("tensorboard", "jsonl", "none")  # jsonl is always on; "none" adds nothing
 TENSORBOARD_DIR = "tensorboard"
@@ -92,7 +93,11 @@ class JsonlSink:
         kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
         if len(kept) < len(lines):
             tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
+            try:
+                tmp.write_text("".join(line + "\n" for line in kept))
+            except OSError as err:
+                tmp.unlink(missing_ok=True)
+                raise OutputDirError(f"{self.path}: cannot rewrite it for the resume: {err.strerror or err}") from None
             os.replace(tmp, self.path)
         return len(lines) - len(kept)
 

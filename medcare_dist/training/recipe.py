@@ -17,11 +17,13 @@ from medcare_dist.adapters.adapter_set import AdapterSet, adapter_compute_dtype
 from medcare_dist.artefacts.manifest import base_fingerprint, base_record, versions
 from medcare_dist.files import require_output_dir
 from medcare_dist.artefacts.checkpoint import check_output_dir
+from medcare_dist.artefacts.run_lock import RunLock, release_held
 from medcare_dist.config import TrainConfig, load_config, options_help, parse_overrides
 from medcare_dist.errors import ConfigError, MedcareError
 from medcare_dist.data.chat import pad_token_id
 from medcare_dist.artefacts.hf_io import check_model_dir
 from medcare_dist.artefacts.hub import resolve_model
+from medcare_dist.dist.preemption import EXIT_PREEMPTED, StopRequests
 from medcare_dist.dist.rank_env import launch_rank, without_local_rank
 from medcare_dist.training.zero3 import enable_activation_checkpointing
 from medcare_dist.training.lm_loss import check_lm_loss, check_logits_after_head
@@ -77,7 +79,10 @@ def build_trainer(
 
         datasets.disable_progress_bars()
     check_report_to(cfg.report_to)
-    check_output_dir(require_output_dir(cfg.output_dir), cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
+    out_dir = require_output_dir(cfg.output_dir)
+    if is_main:  # one writer per output_dir, before anything is written; creates the dir (a one-line error if it cannot)
+        RunLock.take(out_dir, log=log)
+    check_output_dir(out_dir, cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
     manifest_extra = check_inputs(cfg) if check_inputs else {}
     source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
     check_model_dir(Path(source.path))
@@ -127,15 +132,21 @@ def build_trainer(
 
 
 def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None, check_base=None) -> int:
-    """Entry point of a launcher: bad input ends the process with a one-line error, status 2."""
+    """Entry point of a launcher: bad input ends the process with a one-line error, status 2; a
+    run stopped by a stop signal or a lost launcher saves and exits with EXIT_PREEMPTED (75)."""
     from medcare_dist.dist import process_group as dist_utils
 
     try:
         cfg = config_from_argv(sys.argv[1:], stage)
-        build_trainer(cfg, build_adapters, build_objective, check_inputs, check_base).fit()
+        trainer = build_trainer(cfg, build_adapters, build_objective, check_inputs, check_base)
+        with StopRequests(cfg.preempt_signals) as stop:  # signals and a lost launcher: save, then exit EXIT_PREEMPTED
+            trainer.fit(stop)
+        if trainer.stop_reason:
+            return EXIT_PREEMPTED
     except MedcareError as err:
         print(f"stage {stage}: error: {err}", file=sys.stderr)
         return 2
     finally:
+        release_held()  # the output_dir lock (rank 0)
         dist_utils.shutdown()
     return 0

@@ -16,6 +16,10 @@ Exactness by construction:
   number of ranks;
 - batches come from a seeded plan (`batching.plan_global_batches`), so the data position is
   just (epoch, batch index).
+
+Every save and every stop happens at a step boundary that all ranks agree on (a stop signal
+on one rank, `save_every_minutes` on one rank's clock: `preemption.agree`), so a stopped run
+leaves a checkpoint of the step reached and resumes to the same bits as an unstopped one.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ import torch
 from medcare_dist.dist import process_group as dist_utils
 from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.artefacts.manifest import adapter_digest, data_fingerprint
-from medcare_dist.artefacts.checkpoint import TrainState, clear_previous_run, load_checkpoint, save_checkpoint
+from medcare_dist.artefacts.checkpoint import TrainState, checkpoint_bytes, clear_previous_run, load_checkpoint, require_room, save_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
 from medcare_dist.data.batching import collate, collate_packed, pieces_for_rank, plan_global_batches, split_global_batch
 from medcare_dist.data.chat import IGNORE_INDEX
 from medcare_dist.errors import DataError
 from medcare_dist.dist.grad_buckets import GradientBuckets
+from medcare_dist.dist.preemption import EXIT_PREEMPTED, StopRequests, agree
 from medcare_dist.dist.rank_env import World
 from medcare_dist.training.lm_loss import model_lm_loss_sum
 from medcare_dist.training.zero3 import base_checksum
@@ -150,6 +155,8 @@ class Trainer:
         self.state = TrainState(world_size=world.world_size)
         # metrics.jsonl, plus TensorBoard when cfg.report_to asks (checked here, at startup, on every rank)
         self.reporter = MetricsReporter(self.out_dir, cfg.report_to, enabled=world.is_main)
+        self.stop_reason: str | None = None  # set when fit() stopped early on a stop request
+        self._last_save_at, self._saved_step = time.monotonic(), -1
 
     # --- resume ---------------------------------------------------------------------
 
@@ -319,9 +326,30 @@ class Trainer:
             )
             self.log(f"saved {path}")
         dist_utils.barrier()
+        self._last_save_at, self._saved_step = time.monotonic(), self.state.step
         return path
 
-    def fit(self) -> TrainState:
+    def _save_or_stop(self, stop: StopRequests | None) -> bool:
+        """At a step boundary: save by steps, by wall clock or on a stop request, the last two
+        agreed by all ranks (`preemption.agree`). True when the run must stop now."""
+        cfg, step = self.cfg, self.state.step
+        if step >= self.num_steps:
+            return False  # fit() saves the final step
+        if cfg.save_every and step % cfg.save_every == 0:
+            self.save()
+        timed = cfg.save_every_minutes > 0 and time.monotonic() - self._last_save_at >= cfg.save_every_minutes * 60
+        stopping, timed = agree(stop is not None and stop.reason is not None, timed)
+        if (stopping or timed) and self._saved_step != step:
+            self.save()
+        if stopping:
+            self.stop_reason = why = (stop.reason if stop is not None else None) or "a stop request on another rank"
+            self.log(f"stopped at step {step}/{self.num_steps} ({why}): checkpoint-{step} saved; "
+                     f"exit status {EXIT_PREEMPTED}; --resume auto continues")
+        return stopping
+
+    def fit(self, stop: StopRequests | None = None) -> TrainState:
+        """Train to the end, or until `stop` (stop signals, a lost launcher) asks: then the
+        step reached is saved and `stop_reason` says why."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -331,7 +359,11 @@ class Trainer:
             if removed:
                 self.log(f"--overwrite: deleted the earlier run's {', '.join(removed)} from {self.out_dir}")
         dist_utils.barrier()
+        if self.world.is_main:  # a full disk found now, not after hours of training (the AdamW moments: two per weight)
+            flat = self.adapters.flat_state_dict()
+            require_room(self.out_dir, "a checkpoint", checkpoint_bytes(flat, {"exp_avg": flat, "exp_avg_sq": flat}))
         self.maybe_resume()
+        self._last_save_at, self._saved_step = time.monotonic(), self.state.step
         bar = tqdm(total=self.num_steps, initial=self.state.step, disable=not self.world.is_main, desc=f"stage {cfg.stage}", dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
         while self.state.step < self.num_steps:
@@ -360,8 +392,9 @@ class Trainer:
                     }
                     self._log_metrics(record)
                     window_tokens, window_start = 0, time.perf_counter()
-                if cfg.save_every and self.state.step % cfg.save_every == 0 and self.state.step < self.num_steps:
-                    self.save()
+                if self._save_or_stop(stop):
+                    bar.close()
+                    return self.state
             if self.state.batch_in_epoch >= len(batches):
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0

@@ -101,3 +101,28 @@ def test_export_refuses_what_it_cannot_do(artefacts, tiny_model_dir, tmp_path):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(FileExistsError):
         export_merged(stage2, tmp_path / "full")
+
+
+@pytest.mark.parametrize("command", ["export", "prepare-stage2"])
+def test_a_checkpoint_pruned_while_it_is_read_is_named_as_such(command, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A running job with keep_last deletes the checkpoint half way through the read: the
+    error says so, instead of naming whichever file went missing first."""
+    import shutil
+
+    from medcare_dist import cli
+    from medcare_dist.artefacts import export as export_mod, stage2_base
+
+    ckpt = write_stage1_checkpoint(tiny_model_dir, tmp_path / "run")
+    module = export_mod if command == "export" else stage2_base
+    read_config = module.checkpoint_config
+
+    def pruned_meanwhile(path):
+        config = read_config(path)
+        shutil.rmtree(ckpt)  # what the job's pruning does
+        return config
+
+    monkeypatch.setattr(module, "checkpoint_config", pruned_meanwhile)
+    args = ["export", "--checkpoint", str(ckpt), "--adapter-only"] if command == "export" else ["prepare-stage2", "--stage1", str(ckpt)]
+    assert cli.main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (f"medcare-dist {command}: error: {ckpt} was removed or changed while being read: pruned by "
+                                               "a running job (keep_last)? Read a checkpoint the job keeps, or copy it first")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from helpers import REPO, SAMPLE, free_port
 
@@ -361,6 +363,44 @@ def test_slurm_job_ends_when_rank_0_is_killed(slurm, tiny_model_dir, tmp_path):
     assert rc != 0 and took < TIMEOUT_MINUTES * 60 + MARGIN_S, (rc, took)
     assert "task 0: Killed" in text, text[-3000:]  # srun's own report
     assert "step 2000/" not in text
+
+
+@distributed
+def test_slurm_job_warned_before_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(slurm, tiny_model_dir, tmp_path):
+    """The template's time-limit warning (B:USR1) sent by hand mid-run: the batch shell
+    forwards it, the ranks save the step reached and exit 75, the job requeues itself, and the
+    second attempt (same job id, same log) resumes to the very adapters of an uninterrupted job."""
+    from safetensors.torch import load_file
+
+    steps, runs = 30, {}
+    for name in ("plain", "warned"):
+        (tmp_path / name).mkdir()
+        out = runs[name] = tmp_path / name / "out"
+        proc = sbatch_stage1(slurm, tmp_path / name, out, train_args(out, tiny_model_dir, steps=steps))
+        if name == "plain":
+            assert finish(proc, 300) == 0, job_log(tmp_path / name)[1][-4000:]
+            continue
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / name).glob("job-*.out")):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / name / "sbatch.log").read_text()
+            time.sleep(0.2)
+        log, _ = job_log(tmp_path / name)
+        wait_for_text(log, "step 3/", [proc])
+        job_id = log.stem.split("-")[1]
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True)
+        deadline = time.monotonic() + 400  # both attempts end: the job leaves the queue
+        while subprocess.run(["squeue", "-h", "-j", job_id], env=slurm, capture_output=True, text=True).stdout.strip():
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
+            time.sleep(1)
+        finish(proc, 60)
+    _, text = job_log(tmp_path / "warned")
+    assert f"stage 1: job {job_id} (attempt 2)" in text, text[-4000:]
+    stopped = re.search(rf"stopped at step (\d+)/{steps} \(SIGUSR1\): checkpoint-\d+ saved; exit status 75", text)
+    assert stopped and f"requeueing job {job_id}" in text, text[-4000:]
+    step = int(stopped.group(1))
+    assert 3 <= step < steps and f"resumed from {runs['warned'] / f'checkpoint-{step}'} at step {step}" in text, text[-4000:]
+    want, got = (load_file(str(runs[n] / f"checkpoint-{steps}" / "adapters.safetensors")) for n in ("plain", "warned"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), "the requeued job's adapters differ"
 
 
 @distributed

@@ -1,6 +1,6 @@
 """Faults and bad input around a run: used output dirs, pruning after a resume from an older
 step, metrics after a resume, changed options on resume, ranks that disagree on the
-checkpoint, fp16 gradients, a rank that stops answering, a stale JIT lock.
+checkpoint, fp16 gradients, a rank that stops answering, a stale JIT lock, a rank that never joins.
 docs/reliability.md lists each with the test that covers it."""
 
 import copy
@@ -489,3 +489,18 @@ def test_an_artefact_of_an_earlier_version_is_checked_by_its_own_fingerprint_sch
     (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
     with pytest.raises(CheckpointError, match="changed since it was made"):
         check_base(manifest, ckpt)
+
+
+def test_rank_0_waiting_for_a_rank_that_never_starts_says_so_until_the_timeout(tiny_model_dir, tmp_path):
+    """Rank 0 of a world of 2 whose rank 1 never starts: a note at every interval, then one
+    line at the collective timeout (not 30 silent minutes)."""
+    env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "MEDCARE_JOIN_NOTE_S": "2"}
+    cmd = [sys.executable, "launch/stage1.py", "--model", str(tiny_model_dir), "--data", str(SAMPLE / "stage1.jsonl"),
+           "--output_dir", str(tmp_path / "out"), "--num_experts", "4", "--lora_r", "4", "--timeout_minutes", "0.15"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    notes = re.findall(rf"rank 0 on host {socket.gethostname()}: still waiting for all 2 ranks to join at 127.0.0.1:\d+ "
+                       r"\((\d+) s of the 9 s timeout\)", proc.stderr)
+    assert len(notes) >= 2 and notes[:2] == ["2", "4"], proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("stage 1: error: rank 0 of 2 on host"), proc.stderr[-3000:]

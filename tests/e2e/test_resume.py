@@ -1,4 +1,5 @@
-"""Resume: exact after a SIGKILL, atomic saves, and a different world size.
+"""Resume: exact after a SIGKILL and after a SIGTERM (which saves the step reached), atomic
+saves, a different world size; no orphaned ranks; one run per output_dir.
 
 The runs train on 29 records with a global batch of 8: every epoch ends with a short batch of
 5, and 12 steps cross two epoch ends, so the world-size claim is tested where it is hardest
@@ -123,7 +124,9 @@ def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_p
     with pytest.raises(OSError):
         save(2)
     monkeypatch.undo()
-    assert (tmp_path / ".checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()
+    assert not (tmp_path / ".checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()  # a failed save cleans up
+    (tmp_path / ".checkpoint-2.tmp").mkdir()  # what a kill part way leaves
+    (tmp_path / ".checkpoint-2.tmp" / "adapters.safetensors").write_bytes(b"partial")
     chosen = find_resume_checkpoint(tmp_path, "auto")
     assert chosen.name == "checkpoint-1"
     assert float(load_checkpoint(chosen)["adapters"]["w"][0]) == 1.0
@@ -170,3 +173,132 @@ def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_
     assert (out / "latest").read_text().strip() == "checkpoint-14"
     replaced = load_file(str(out / "checkpoint-12" / "adapters.safetensors"))
     assert any(not torch.equal(replaced[n], t) for n, t in final_adapters(uninterrupted).items())
+
+
+def session_processes(leader: int) -> list:
+    """The live processes of the session that `leader` started (start_new_session=True)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def start_run(cmd, log_path):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def assert_same_final_adapters(want_dir, got_dir, what):
+    want, got = final_adapters(want_dir), final_adapters(got_dir)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), f"{name} differs after resume ({what})"
+
+
+def stopped_step(out, log_text):
+    """The step a stopped run saved: the last one it logged, named by `latest` and the log."""
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (out / "latest").read_text().strip() == f"checkpoint-{step}"
+    assert load_checkpoint(out / f"checkpoint-{step}")["state"].step == step
+    return step
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_process_group_saves_the_step_reached_and_resume_auto_is_bitwise_equal(uninterrupted, tiny_model_dir,
+                                                                                              uneven_data, tmp_path):
+    """What SLURM does at preemption and at the time limit: SIGTERM to every process of the
+    job (the deepspeed runner forwards it to the ranks again: one request, not two)."""
+    out = tmp_path / "preempted"
+    proc = start_run(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port()), tmp_path / "preempted.log")
+    try:
+        wait_for_step(out / "metrics.jsonl", 5, proc, time.time() + 300)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        for p in session_processes(proc.pid):
+            p.kill()
+    log = (tmp_path / "preempted.log").read_text()
+    step = stopped_step(out, log)
+    assert 5 <= step < STEPS, log[-3000:]
+    assert f"stopped at step {step}/{STEPS} (SIGTERM): checkpoint-{step} saved; exit status 75" in log, log[-3000:]
+    assert "exiting now without saving" not in log
+    run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port(), "--resume", "auto"), tmp_path / "resumed.log")
+    assert f"resumed from {out / f'checkpoint-{step}'} at step {step}" in (tmp_path / "resumed.log").read_text()
+    assert_same_final_adapters(uninterrupted, out, f"SIGTERM at step {step}")
+
+
+@pytest.mark.distributed
+def test_sigterm_to_the_runner_alone_leaves_no_rank_running(tiny_model_dir, uneven_data, tmp_path):
+    """The runner killed alone used to leave launch.py and both ranks training as orphans:
+    each rank watches its launcher, saves the step reached and exits (status 75)."""
+    out = tmp_path / "orphaned"
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port())
+    cmd[cmd.index("--max_steps") + 1] = "500"
+    proc = start_run(cmd, tmp_path / "orphaned.log")
+    try:
+        wait_for_step(out / "metrics.jsonl", 3, proc, time.time() + 300)
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        left = [" ".join(p.cmdline()[:4]) for p in session_processes(proc.pid)]
+    finally:
+        for p in session_processes(proc.pid):
+            p.kill()
+    assert not left, f"still running 30 s after the runner's SIGTERM: {left}"
+    log = (tmp_path / "orphaned.log").read_text()
+    step = stopped_step(out, log)
+    assert f"stopped at step {step}/500 (launcher process {proc.pid} exited)" in log, log[-3000:]
+
+
+@pytest.mark.distributed
+def test_a_second_run_into_a_running_dir_is_refused_naming_the_first(uninterrupted, tiny_model_dir, uneven_data, tmp_path):
+    """Two runs started into one output_dir used to both finish, the second's checkpoints
+    replacing the first's and metrics.jsonl interleaving both."""
+    import sys
+
+    out = tmp_path / "shared"
+    cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port())
+    cmd[cmd.index("--max_steps") + 1] = "400"  # still running when the second run is refused, then stopped by SIGTERM
+    first = start_run(cmd, tmp_path / "first.log")
+    try:
+        wait_for_step(out / "metrics.jsonl", 2, first, time.time() + 300)
+        holder = json.loads((out / ".medcare.lock").read_text())
+        named = f"output_dir {out} is in use by another run (pid {holder['pid']} on host {holder['host']}, started "
+        for label, extra in (("fresh", []), ("resume", ["--resume", "auto"])):  # a fresh start and a resume, through the launcher
+            second = subprocess.run(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port(), *extra), cwd=REPO, capture_output=True,
+                                    text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+            assert second.returncode != 0 and named in second.stdout + second.stderr, (label, (second.stdout + second.stderr)[-3000:])
+            assert first.poll() is None, "the first run ended before the second was refused"
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(timeout=60)
+        deadline = time.time() + 30
+        while session_processes(first.pid) and time.time() < deadline:
+            time.sleep(0.5)
+    finally:
+        for p in session_processes(first.pid):
+            p.kill()
+    step = stopped_step(out, (tmp_path / "first.log").read_text())  # the first run's checkpoints and metrics are its own
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 1))
+    assert not (out / ".medcare.lock").exists()
+
+    # --resume of another run's checkpoint into this used dir: refused unless --overwrite
+    cmd = [sys.executable, "launch/stage1.py", *stage1_cmd(tiny_model_dir, uneven_data, out, 1, 0, "--resume",
+                                                           str(uninterrupted / "checkpoint-8"))[6:]]
+    refused = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"stage 1: error: --resume {uninterrupted / 'checkpoint-8'} continues another run's checkpoint, but output_dir {out} holds "
+        f"a different run ({', '.join(sorted(p.name for p in out.iterdir() if not p.name.startswith('.')))}): choose a new --output_dir, or pass --overwrite "
+        "to delete that run first")
