@@ -4,7 +4,8 @@ The tokenizer's chat template renders the whole conversation once. Each assistan
 then located in that rendering: it starts where the rendering of the conversation before
 it, with the generation prompt, ends, and its reply plus end-of-turn text (with Qwen's
 ChatML, the reply, ``<|im_end|>`` and the newline) is taken from rendering the
-conversation through that turn. The reply must appear at the turn's start, or after the
+conversation through that turn. A template that trims replies (Llama 3's ``| trim``) is
+followed: the trimmed reply is located and trained as the template renders it. The reply must appear at the turn's start, or after the
 same template text that the template gives a last turn: Qwen3 renders the empty think
 block ``<think>\\n\\n</think>\\n\\n`` before the last reply only, so rendering prefixes
 does not reproduce the whole rendering, yet each reply is found. That template text is
@@ -87,7 +88,10 @@ def _reply_span(tokenizer, messages: list[dict], i: int, text: str) -> tuple[int
             "generation prompt) differently from how the turn starts in the whole conversation"
         )
     turn = through[len(prompt):]
-    at = turn.find(messages[i]["content"])
+    content = messages[i]["content"]
+    at = turn.find(content)
+    if at < 0 and content.strip() != content:  # a template that trims replies (Llama 3's `| trim`): trained as rendered
+        at = turn.find(content.strip())
     if at < 0:
         raise ChatTemplateError(f"turn {i}: the chat template does not render this assistant reply as given")
     lead, reply = turn[:at], turn[at:]  # lead: template text before a last reply (Qwen3's empty think block)
@@ -111,7 +115,8 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 
 def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> dict:
     """Tokenise one conversation: input_ids, labels (-100 outside assistant replies),
-    num_label_tokens (count of labels[1:] != -100), length, truncated.
+    num_label_tokens (count of labels[1:] != -100), length, truncated, whitespace_adjusted
+    (a reply the template rendered trimmed, trained as rendered).
 
     Control-token text inside a message is tokenised as plain text: it is swapped for a
     placeholder before rendering and encoded on its own where the placeholder lands.
@@ -128,7 +133,9 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> d
     input_ids, starts = _encode(tokenizer, text, literals)
     labels = [token if any(begin <= start < end for begin, end in spans) else IGNORE_INDEX
               for token, start in zip(input_ids, starts)]
+    replies = [m["content"] for m in hidden if m["role"] == "assistant"]
     return {
+        "whitespace_adjusted": any(not text[begin:end].startswith(reply) for (begin, end), reply in zip(spans, replies)),
         "input_ids": input_ids[:max_length],
         "labels": labels[:max_length],
         "num_label_tokens": sum(label != IGNORE_INDEX for label in labels[1:max_length]),

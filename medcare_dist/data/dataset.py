@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import datasets
+import numpy as np
 
 from medcare_dist.config import choices
 from medcare_dist.data.cache import (DATASET_SUBDIR, MANIFEST_NAME, entry_problem, read_manifest, recipe_key, wait_for_entry,
@@ -42,6 +43,7 @@ FEATURES = datasets.Features(
         "num_label_tokens": datasets.Value("int32"),
         "length": datasets.Value("int32"),
         "truncated": datasets.Value("bool"),
+        "whitespace_adjusted": datasets.Value("bool"),
         "error": datasets.Value("string"),
     }
 )
@@ -58,6 +60,7 @@ class DataStats:
     records_read: int = 0  # records found in the files
     skipped: int = 0  # invalid records skipped (on_bad_record="skip"), the chat template's refusals included
     truncated: int = 0  # kept records that were cut at max_length
+    whitespace_adjusted: int = 0  # kept records with a reply the template trimmed (trained as rendered)
     dropped_no_labels: int = 0  # records cut so short that no trained token was left
     records: int = 0  # records in the dataset
     tokens: int = 0  # input tokens in the dataset
@@ -71,6 +74,8 @@ class DataStats:
             f"truncated to {max_length} tokens, {self.dropped_no_labels} dropped with no trained "
             f"token left), {self.tokens} tokens, {self.label_tokens} trained"
         )
+        if self.whitespace_adjusted:
+            line += f"; {self.whitespace_adjusted} records with replies the chat template trims, trained as it renders them"
         if len(self.sources) > 1 or any("#" in s["spec"] for s in self.sources):
             line += "; " + "; ".join(f"{s['spec']}: {s['records']} records, {s['label_tokens']} trained" for s in self.sources)
         return line
@@ -136,7 +141,7 @@ def build_dataset(spec: str | Path | Sequence[str | Path], tokenizer, max_length
             return dataset.flatten_indices(keep_in_memory=True), stats
     work = str(Path(work_dir) / "work")
     forbidden = control_token_strings(tokenizer) if control_tokens == "error" else ()
-    parts, errors, records_read, source_of = [], [], 0, []
+    parts, errors, records_read = [], [], 0
     for i, source in enumerate(sources):
         raw = _read_source(source, forbidden, on_bad_record, work)
         records_read += len(raw)
@@ -146,10 +151,10 @@ def build_dataset(spec: str | Path | Sequence[str | Path], tokenizer, max_length
         if source.records is not None and len(valid):
             valid = valid.select(draw(len(valid), source.records, seed, i))
         parts.append(valid)
-        source_of += [i] * len(valid)  # an int per record: the per-source counts below
     if not sum(map(len, parts)):
         found = f": all {len(errors)} records are invalid (the first: {errors[0]})" if errors else ": they hold no record"
         raise DataError(f"no valid records in {', '.join(s.spec for s in sources)}{found}")
+    source_of = np.concatenate([np.full(len(part), i, dtype=np.int32) for i, part in enumerate(parts)])  # per-source counts
     raw = datasets.concatenate_datasets(parts).add_column("source_index", source_of)
     procs = max(1, min(num_proc or 1, len(raw) // RECORDS_PER_PROCESS))
     tokenized = raw.map(
@@ -172,7 +177,7 @@ def build_dataset(spec: str | Path | Sequence[str | Path], tokenizer, max_length
         raise DataError(f"all {len(tokenized) - len(refused)} records lost every trained token at max_length {max_length}: "
                         "the prompts are longer; raise max_length")
     stats = _stats(kept, sources, records_read, errors, dropped=len(tokenized) - len(refused) - len(kept))
-    return kept.remove_columns(["truncated", "error", "source_index"]), stats
+    return kept.remove_columns(["truncated", "whitespace_adjusted", "error", "source_index"]), stats
 
 
 def _read_source(source: Source, forbidden: tuple[str, ...], on_bad_record: str, work: str) -> datasets.Dataset:
@@ -203,11 +208,11 @@ def _tokenize_row(messages: str, source: str, tokenizer, max_length: int, on_bad
     except ChatTemplateError as err:
         raise ChatTemplateError(f"{source}: {err}") from None
     except jinja2.TemplateError as err:
-        error = DataError(f"the chat template refused this record: {err}")
-        message = f"{source}: {error}"
+        message = f"{source}: the chat template refused this record: {err}"
         if on_bad_record == "error":
             raise DataError(message) from None
-        return {"input_ids": [], "labels": [], "num_label_tokens": 0, "length": 0, "truncated": False, "error": message}
+        return {"input_ids": [], "labels": [], "num_label_tokens": 0, "length": 0, "truncated": False,
+                "whitespace_adjusted": False, "error": message}
 
 
 def _stats(kept: datasets.Dataset, sources: list[Source], records_read: int, errors: list[str], dropped: int) -> DataStats:
@@ -215,16 +220,16 @@ def _stats(kept: datasets.Dataset, sources: list[Source], records_read: int, err
     import pyarrow.compute as pc
 
     per = [{"spec": s.spec, "records": 0, "label_tokens": 0} for s in sources]
-    totals = {"truncated": 0, "length": 0, "num_label_tokens": 0}
+    totals = dict.fromkeys(("truncated", "whitespace_adjusted", "length", "num_label_tokens"), 0)
     for batch in kept.with_format("arrow").iter(batch_size=65536):
-        totals["truncated"] += pc.sum(pc.cast(batch["truncated"], "int64")).as_py() or 0
-        totals["length"] += pc.sum(batch["length"]).as_py() or 0
-        totals["num_label_tokens"] += pc.sum(batch["num_label_tokens"]).as_py() or 0
+        for name in totals:
+            totals[name] += pc.sum(pc.cast(batch[name], "int64")).as_py() or 0
         grouped = batch.group_by("source_index").aggregate([("num_label_tokens", "sum"), ("source_index", "count")])
         for row in grouped.to_pylist():
             per[row["source_index"]]["records"] += row["source_index_count"]
             per[row["source_index"]]["label_tokens"] += row["num_label_tokens_sum"]
-    return DataStats(records_read=records_read, skipped=len(errors), truncated=totals["truncated"], dropped_no_labels=dropped,
+    return DataStats(records_read=records_read, skipped=len(errors), truncated=totals["truncated"],
+                     whitespace_adjusted=totals["whitespace_adjusted"], dropped_no_labels=dropped,
                      records=len(kept), tokens=totals["length"], label_tokens=totals["num_label_tokens"], errors=errors,
                      sources=per)
 

@@ -221,7 +221,8 @@ def test_json_jsonl_parquet_and_both_shapes_give_the_same_tokens(tmp_path, token
     assert set(results[0]) == {"input_ids", "labels", "num_label_tokens", "length"}
 
 
-def test_several_files_and_worker_processes(tmp_path, tokenizer, good_jsonl):
+def test_several_files_and_worker_processes(tmp_path, tokenizer, good_jsonl, monkeypatch):
+    monkeypatch.setattr("medcare_dist.data.dataset.RECORDS_PER_PROCESS", 1)  # workers even for 4 records
     other = write_jsonl(tmp_path / "other.jsonl", [openai(*SINGLE)])
     serial, stats = build_dataset(f"{good_jsonl}, {other}", tokenizer, 512)
     parallel, _ = build_dataset([good_jsonl, other], tokenizer, 512, num_proc=2)

@@ -133,7 +133,9 @@ def test_record_system_field_beside_a_system_turn_is_an_error(tmp_path, tokenize
         build_dataset(write_jsonl(tmp_path / "two.jsonl", [record]), tokenizer, 512)
 
 
-def test_a_template_that_raises_is_a_per_record_error_that_skip_counts(tmp_path, tokenizer):
+@pytest.mark.parametrize("num_proc", [1, 2])
+def test_a_template_that_raises_is_a_per_record_error_that_skip_counts(tmp_path, tokenizer, num_proc, monkeypatch):
+    monkeypatch.setattr("medcare_dist.data.dataset.RECORDS_PER_PROCESS", 1)  # num_proc 2: the error comes from a worker
     strict = copy.deepcopy(tokenizer)
     strict.chat_template = (  # Mistral v0.1's rule: no system turn, roles alternate
         "{% for m in messages %}{% if m['role'] == 'system' %}"
@@ -145,8 +147,21 @@ def test_a_template_that_raises_is_a_per_record_error_that_skip_counts(tmp_path,
     path = write_jsonl(tmp_path / "mixed.jsonl", [plain, SHAPES["openai"], plain])
     with pytest.raises(DataError, match=r"mixed\.jsonl: record 1 \(line 2\): the chat template refused this record: "
                                         r"Conversation roles must alternate"):
-        build_dataset(path, strict, 512)
-    dataset, stats = build_dataset(path, strict, 512, on_bad_record="skip")
+        build_dataset(path, strict, 512, num_proc=num_proc)
+    dataset, stats = build_dataset(path, strict, 512, on_bad_record="skip", num_proc=num_proc)
     assert (stats.records, stats.skipped, len(dataset)) == (2, 1, 2)
     assert "record 1 (line 2): the chat template refused" in stats.errors[0]
     assert decoded(strict, dataset[0])[0] == [reply(ANSWER)]
+
+
+def test_a_template_that_trims_replies_trains_them_as_rendered_and_counts_them(tmp_path, tokenizer):
+    trimming = copy.deepcopy(tokenizer)  # Llama 3's rule: every message's content `| trim`
+    trimming.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] | trim) + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    records = [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": text}]}
+               for text in (ANSWER + "\n", ANSWER)]
+    dataset, stats = build_dataset(write_jsonl(tmp_path / "trim.jsonl", records), trimming, 512)
+    assert [decoded(trimming, row)[0] for row in dataset] == [[reply(ANSWER)], [reply(ANSWER)]]
+    assert stats.whitespace_adjusted == 1 and "1 records with replies the chat template trims" in stats.summary(512)
