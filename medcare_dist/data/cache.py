@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from medcare_dist.errors import DataError
 from medcare_dist.files import stream_sha256
 
 MANIFEST_NAME = "medcare_data.json"
@@ -97,14 +98,26 @@ def write_entry(final: Path, build: Callable[[Path], dict], log: Callable[[str],
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def failure_note(entry: Path) -> Path:
+    """Where the writer leaves the one-line error that stopped it (a user error: the same
+    inputs fail the same way), so that waiting ranks stop with it under any launcher."""
+    return entry.parent / f"{entry.name}.failed"
+
+
 def wait_for_entry(entry: Path, writer: str, note: Callable[[str], None], poll_s: float = 1.0) -> dict:
-    """Wait until `entry` is whole; say so every NOTE_EVERY_S seconds. Returns its manifest.
-    The writer failing ends the job (the launcher stops every rank), so there is no timeout."""
+    """Wait until `entry` is whole; say so every NOTE_EVERY_S seconds. Returns its manifest;
+    raises the writer's DataError when it failed on these inputs."""
     started = last_note = time.monotonic()
     while True:
         manifest = read_manifest(entry)
         if manifest is not None and entry_problem(entry, manifest) is None:
             return manifest
+        try:
+            failed = failure_note(entry).read_text(encoding="utf-8").strip()
+        except OSError:
+            failed = None
+        if failed:
+            raise DataError(f"{writer} could not tokenise the data: {failed}")
         now = time.monotonic()
         if now - last_note >= NOTE_EVERY_S:
             note(f"data: waiting for {writer} to tokenise the data into {entry} ({now - started:.0f} s so far)")

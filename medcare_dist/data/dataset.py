@@ -23,8 +23,8 @@ import datasets
 import numpy as np
 
 from medcare_dist.config import choices
-from medcare_dist.data.cache import (DATASET_SUBDIR, MANIFEST_NAME, entry_problem, read_manifest, recipe_key, wait_for_entry,
-                                     write_entry)
+from medcare_dist.data.cache import (DATASET_SUBDIR, MANIFEST_NAME, entry_problem, failure_note, read_manifest, recipe_key,
+                                     wait_for_entry, write_entry)
 from medcare_dist.data.chat import check_tokenizer, control_token_strings, tokenize_conversation, tokenizer_fingerprint
 from medcare_dist.data.formats import normalize_record
 from medcare_dist.data.sources import Source, data_files, draw, read_located, resolve_sources
@@ -319,7 +319,13 @@ def _load_cached(cache_dir: Path, spec, tokenizer, max_length: int, on_bad_recor
             log(f"data: cache hit, {entry}")
         else:
             log(f"data: tokenising into {entry}" + ("" if problem == "missing" else f" (the entry there is broken: {problem})"))
-            manifest = _write(entry, spec, tokenizer, max_length, on_bad_record, num_proc, control_tokens, seed, log)
+            failed = failure_note(entry)
+            failed.unlink(missing_ok=True)
+            try:
+                manifest = _write(entry, spec, tokenizer, max_length, on_bad_record, num_proc, control_tokens, seed, log)
+            except MedcareError as err:
+                failed.write_text(f"{str(err).splitlines()[0]}\n", encoding="utf-8")
+                raise
     else:
         started = time.monotonic()
         manifest = wait_for_entry(entry, writer_name, note)

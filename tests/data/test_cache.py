@@ -10,7 +10,7 @@ import pytest
 import medcare_dist.data.cache as cache
 import medcare_dist.data.dataset as data
 from medcare_dist.config import load_config
-from medcare_dist.errors import ConfigError
+from medcare_dist.errors import ConfigError, DataError
 from medcare_dist.tools.tiny import build_tokenizer
 
 from helpers import write_jsonl
@@ -134,3 +134,11 @@ def test_other_processes_wait_with_a_note_and_load_the_writers_entry(tmp_path, t
     thread.join(60)
     assert got["dataset"].to_dict() == written.to_dict() and got["stats"] == stats
     assert notes[-1].startswith("data: loading ") and "tokenised by local rank 0" in notes[-1]
+
+
+def test_waiting_processes_stop_with_the_writers_error(tmp_path, tokenizer):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": []}])
+    with pytest.raises(DataError, match=r"bad\.jsonl: record 0 \(line 1\): empty conversation"):
+        load([str(bad)], tokenizer, tmp_path / "cache", [])
+    with pytest.raises(DataError, match=r"^local rank 0 could not tokenise the data: .*bad\.jsonl: record 0 \(line 1\): empty"):
+        load([str(bad)], tokenizer, tmp_path / "cache", [], writer=False, writer_name="local rank 0", note=print)
