@@ -78,7 +78,7 @@ def run(repo: Path, model: str, data: Path, cache: Path, port: int, extra: list[
         if proc.returncode:
             raise SystemExit(f"run failed ({proc.returncode}):\n" + "\n".join(l for _, l in lines[-30:]))
     summary = next((t for t, l in lines if "data: " in l and " records (" in l), None)
-    data_lines = [l for _, l in lines if "data: " in l and "records (" not in l]
+    data_lines = [l.rsplit("\r", 1)[-1] for _, l in lines if "data: " in l]  # progress bars share the lines
     return {"to_data_s": summary, "to_first_step_s": first_step, "peak_rss_mb": {r: v / 2**20 for r, v in sorted(peaks.items())},
             "data_lines": data_lines}
 
