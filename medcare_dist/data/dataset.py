@@ -148,7 +148,10 @@ def build_dataset(spec: str | Path | Sequence[str | Path], tokenizer, max_length
         bad = raw.filter(lambda e: e != "", input_columns="error", cache_file_name=f"{work}/bad{i}.arrow")
         errors += bad["error"]
         valid = raw.filter(lambda e: e == "", input_columns="error", cache_file_name=f"{work}/valid{i}.arrow")
-        if source.records is not None and len(valid):
+        if source.records is not None:
+            if not len(valid):
+                raise DataError(f"{source.spec}: no valid record to draw {source.records} records from"
+                                + (f" (the first error: {errors[-1]})" if len(bad) else ""))
             valid = valid.select(draw(len(valid), source.records, seed, i))
         parts.append(valid)
     if not sum(map(len, parts)):

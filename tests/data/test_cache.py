@@ -46,6 +46,10 @@ def test_a_count_draws_records_with_the_seed_and_repeats_the_file_when_larger(to
     draws = {tuple(first_user_numbers(tokenizer, data.build_dataset(f"{a}#2", tokenizer, 256, seed=s)[0])) for s in range(8)}
     assert len(draws) > 1 and all(len(set(d)) == 2 for d in draws)  # fewer than the file: no record twice
 
+    empty = write_jsonl(a.parent / "empty.jsonl", [{"messages": []}])
+    with pytest.raises(DataError, match=r"empty\.jsonl#5: no valid record to draw 5 records from \(the first error: .*empty conv"):
+        data.build_dataset([f"{empty}#5", str(b)], tokenizer, 256, on_bad_record="skip")
+
     per = {s["spec"]: s for s in stats.sources}
     assert per[f"{a}#7"]["records"] == 7 and per[str(b)]["records"] == 1
     assert per[f"{a}#7"]["label_tokens"] + per[str(b)]["label_tokens"] == stats.label_tokens
