@@ -26,7 +26,7 @@ import hashlib
 import json
 import re
 
-from medcare_dist.errors import ChatTemplateError
+from medcare_dist.errors import ChatTemplateError, DataError
 
 IGNORE_INDEX = -100
 _LITERAL = "\ue000{}\ue001"  # stands for a piece of message text that must stay plain text
@@ -123,6 +123,7 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> d
     """
     literals: list[str] = []
     pattern = _control_pattern(control_token_strings(tokenizer) + ("\ue000",))
+    _check_tool_use(messages, tokenizer, pattern)
 
     def hide(match: re.Match) -> str:
         literals.append(match.group(0))
@@ -142,6 +143,21 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int) -> d
         "length": min(len(input_ids), max_length),
         "truncated": len(input_ids) > max_length,
     }
+
+
+def _check_tool_use(messages: list[dict], tokenizer, pattern: re.Pattern) -> None:
+    """Tool calls and results need the template's own tool support; a call's arguments are
+    rendered as the template writes them, so control-token text there is refused."""
+    tool_turns = [j for j, m in enumerate(messages) if m["role"] == "tool" or "tool_calls" in m]
+    if not tool_turns:
+        return
+    if "tool_calls" not in tokenizer.chat_template:
+        raise DataError(f"turn {tool_turns[0]}: tool calls or results, and the chat template has no tool support "
+                        "(it never reads 'tool_calls'); use a model whose template has it, or remove the record")
+    for j in tool_turns:
+        found = pattern.search(json.dumps(messages[j].get("tool_calls", []), ensure_ascii=False))
+        if found:
+            raise DataError(f"turn {j}: a tool call spells the control token {found.group(0)!r}, which would act as one")
 
 
 def _encode(tokenizer, text: str, literals: list[str]) -> tuple[list[int], list[int]]:

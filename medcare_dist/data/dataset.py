@@ -202,16 +202,18 @@ def _read_source(source: Source, forbidden: tuple[str, ...], on_bad_record: str,
 
 
 def _tokenize_row(messages: str, source: str, tokenizer, max_length: int, on_bad_record: str) -> dict:
-    """One record's tokens; a chat template that raises on it (Mistral's "roles must alternate")
-    is this record's DataError: raised, or in skip mode carried in `error` and counted."""
+    """One record's tokens; a chat template that raises on it (Mistral's "roles must alternate"),
+    or tool use it cannot render, is this record's DataError: raised, or in skip mode carried
+    in `error` and counted."""
     import jinja2
 
     try:
         return {**tokenize_conversation(json.loads(messages), tokenizer, max_length), "error": ""}
     except ChatTemplateError as err:
         raise ChatTemplateError(f"{source}: {err}") from None
-    except jinja2.TemplateError as err:
-        message = f"{source}: the chat template refused this record: {err}"
+    except (jinja2.TemplateError, DataError) as err:
+        refused = "the chat template refused this record: " if isinstance(err, jinja2.TemplateError) else ""
+        message = f"{source}: {refused}{err}"
         if on_bad_record == "error":
             raise DataError(message) from None
         return {"input_ids": [], "labels": [], "num_label_tokens": 0, "length": 0, "truncated": False,

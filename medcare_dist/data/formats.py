@@ -7,9 +7,10 @@
                          "system": str (optional), "history": [[user, assistant], ...] (optional)}
 
 Alpaca's prompt is the instruction, then a newline and the input when there is one (as
-LLaMA-Factory renders it). OpenAI tool turns (``"role": "tool"``, ``tool_calls``) are
-refused by name rather than trained without their calls: nothing in a record is dropped
-silently. Text that spells a control token (``<|im_end|>``, ...) is refused when
+LLaMA-Factory renders it). OpenAI tool use is kept: an assistant turn's ``tool_calls`` (its
+content may then be empty) and ``"role": "tool"`` results after it, rendered by the chat
+template's own tool support (`chat`: the calls are trained, the results masked; a template
+without tool support refuses the record). Nothing in a record is dropped silently. Text that spells a control token (``<|im_end|>``, ...) is refused when
 `forbidden` lists it (it could forge turns).
 """
 
@@ -89,12 +90,25 @@ def _turn(turn: Any, j: int, role_key: str, content_key: str, role_names: dict) 
     if not isinstance(turn, dict):
         raise DataError(f"turn {j} is not an object (got {type(turn).__name__})")
     role = turn.get(role_key)
-    if role == "tool" or turn.get("tool_calls"):
-        raise DataError(f"turn {j}: tool turns and tool_calls are not trained yet (they would be lost, not "
-                        "rendered); remove the record or convert its tool calls to text")
+    if content_key == "content" and (role == "tool" or turn.get("tool_calls") is not None):
+        return _tool_turn(turn, j, role)
     if role not in role_names:
         raise DataError(f"turn {j}: unknown role {role!r} in '{role_key}' (expected one of {', '.join(role_names)})")
     return {"role": role_names[role], "content": _text(turn.get(content_key), f"turn {j}: '{content_key}'")}
+
+
+def _tool_turn(turn: dict, j: int, role: str) -> dict:
+    """A tool result, or an assistant turn with tool calls (each an object; content optional)."""
+    if role == "tool":
+        return {"role": "tool", "content": _text(turn.get("content"), f"turn {j}: 'content'")}
+    calls = turn["tool_calls"]
+    if role != "assistant":
+        raise DataError(f"turn {j}: a {role!r} turn has tool_calls (only assistant turns make tool calls)")
+    if not isinstance(calls, list) or not calls or not all(isinstance(call, dict) for call in calls):
+        raise DataError(f"turn {j}: 'tool_calls' is not a non-empty list of objects")
+    content = turn.get("content")
+    return {"role": "assistant", "content": "" if content is None else _text(content, f"turn {j}: 'content'"),
+            "tool_calls": calls}
 
 
 def _checked(messages: list[dict], forbidden: tuple[str, ...], offset: int = 0) -> list[dict]:
@@ -103,21 +117,24 @@ def _checked(messages: list[dict], forbidden: tuple[str, ...], offset: int = 0) 
     count the record's turns."""
     for j, message in enumerate(messages):
         turn = max(j - offset, 0)
-        if not message["content"].strip():
+        if not message["content"].strip() and "tool_calls" not in message:
             raise DataError(f"turn {turn}: empty content")
         token = find_control_token(message["content"], forbidden)
         if token is not None:
             raise DataError(f"turn {turn}: the {message['role']} text contains the control token {token!r}, which would "
                             "act as one (a forged turn); remove it, or set control_tokens: as_text to keep it as plain text")
-    _check_turn_order([m["role"] for m in messages])
+    _check_turn_order(messages)
     return messages
 
 
-def _check_turn_order(roles: list[str]) -> None:
+def _check_turn_order(messages: list[dict]) -> None:
+    roles = [m["role"] for m in messages]
     for j, role in enumerate(roles):
         if role == "system" and j > 0:
             raise DataError(f"turn {j}: system turn is not the first turn")
-        if j > 0 and role == roles[j - 1]:
+        if role == "tool" and not (roles[j - 1] == "tool" or "tool_calls" in messages[j - 1]):
+            raise DataError(f"turn {j}: a tool result that follows no assistant turn with tool_calls")
+        if j > 0 and role == roles[j - 1] != "tool":
             raise DataError(f"turns {j - 1} and {j}: two {role} turns in a row")
     dialogue = [role for role in roles if role != "system"]
     if "assistant" not in dialogue:

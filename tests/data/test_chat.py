@@ -194,3 +194,22 @@ def test_control_tokens_in_text_are_refused_or_kept_as_plain_text(family, tmp_pa
     trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == FORGED + "<|im_end|>\n"
     assert "<|im_start|>user\nHeadache? <think><|im_end|>" in tokenizer.decode(example["input_ids"])
+
+
+def test_tool_calls_are_trained_and_tool_results_masked_with_the_templates_own_tool_support(tmp_path):
+    from transformers import AutoTokenizer
+
+    from medcare_dist.data.formats import normalize_record
+
+    tokenizer = AutoTokenizer.from_pretrained(write_family("qwen2.5", tmp_path / "tokenizer"))
+    call = {"type": "function", "function": {"name": "dose", "arguments": {"drug": "ibuprofen"}}}
+    record = {"messages": [{"role": "user", "content": "Can I take ibuprofen?"},
+                           {"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "content": "200-400 mg every 6-8 hours"},
+                           {"role": "assistant", "content": "Yes, 200-400 mg every 6-8 hours with food."}]}
+    runs = token_runs(tokenizer, tokenize_conversation(normalize_record(record), tokenizer, 4096))
+    trained = [text for is_trained, text in runs if is_trained]
+    masked = "".join(text for is_trained, text in runs if not is_trained)
+    assert trained == ['<tool_call>\n{"name": "dose", "arguments": {"drug": "ibuprofen"}}\n</tool_call><|im_end|>\n',
+                       "Yes, 200-400 mg every 6-8 hours with food.<|im_end|>\n"]
+    assert "<tool_response>\n200-400 mg every 6-8 hours\n</tool_response>" in masked

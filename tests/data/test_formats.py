@@ -113,18 +113,29 @@ def test_gzip_shard_dirs_globs_and_saved_datasets_read_the_same_records(tmp_path
         build_dataset(saved, tokenizer, 512)  # a column of JSON strings is not a record shape: named, not guessed
 
 
-@pytest.mark.parametrize("turn", [
-    {"role": "tool", "content": "{\"dose\": \"500 mg\"}"},
-    {"role": "assistant", "content": "Let me check.", "tool_calls": [{"type": "function",
-                                                                      "function": {"name": "dose", "arguments": "{}"}}]},
-])
-def test_tool_turns_are_refused_by_file_and_record_never_dropped(tmp_path, tokenizer, turn):
-    record = {"messages": [{"role": "user", "content": QUESTION}, turn, {"role": "assistant", "content": ANSWER}]}
+def test_tool_use_under_a_template_without_tool_support_is_refused_by_record_never_dropped(tmp_path, tokenizer):
+    calls = [{"type": "function", "function": {"name": "dose", "arguments": {}}}]
+    record = {"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": None, "tool_calls": calls},
+                           {"role": "tool", "content": "500 mg"}, {"role": "assistant", "content": ANSWER}]}
     path = write_jsonl(tmp_path / "tools.jsonl", [SHAPES["openai"], record])
-    with pytest.raises(DataError, match=r"tools\.jsonl: record 1 \(line 2\): turn 1: tool turns and tool_calls are not trained"):
+    with pytest.raises(DataError, match=r"tools\.jsonl: record 1 \(line 2\): turn 1: tool calls or results, and the chat "
+                                        r"template has no tool support"):
         build_dataset(path, tokenizer, 512)
     dataset, stats = build_dataset(path, tokenizer, 512, on_bad_record="skip")
-    assert (stats.records, stats.skipped) == (1, 1) and "tool_calls" in stats.errors[0]
+    assert (stats.records, stats.skipped) == (1, 1) and "no tool support" in stats.errors[0]
+
+
+@pytest.mark.parametrize("messages,reason", [
+    ([{"role": "user", "content": QUESTION}, {"role": "tool", "content": "42"}, {"role": "assistant", "content": ANSWER}],
+     "turn 1: a tool result that follows no assistant turn with tool_calls"),
+    ([{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "x", "tool_calls": []}],
+     "turn 1: 'tool_calls' is not a non-empty list of objects"),
+    ([{"role": "user", "content": QUESTION, "tool_calls": [{}]}, {"role": "assistant", "content": ANSWER}],
+     "turn 0: a 'user' turn has tool_calls"),
+])
+def test_malformed_tool_use_is_a_record_error(tmp_path, tokenizer, messages, reason):
+    with pytest.raises(DataError, match=f"record 0 \\(line 1\\): {reason}"):
+        build_dataset(write_jsonl(tmp_path / "bad.jsonl", [{"messages": messages}]), tokenizer, 512)
 
 
 def test_record_system_field_beside_a_system_turn_is_an_error(tmp_path, tokenizer):
