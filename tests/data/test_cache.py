@@ -146,3 +146,17 @@ def test_waiting_processes_stop_with_the_writers_error(tmp_path, tokenizer):
         load([str(bad)], tokenizer, tmp_path / "cache", [])
     with pytest.raises(DataError, match=r"^local rank 0 could not tokenise the data: .*bad\.jsonl: record 0 \(line 1\): empty"):
         load([str(bad)], tokenizer, tmp_path / "cache", [], writer=False, writer_name="local rank 0", note=print)
+
+
+def test_preprocess_without_out_fills_the_cache_that_training_hits(tmp_path, tokenizer, files, capsys):
+    from medcare_dist.cli import main
+    from medcare_dist.config import TrainConfig
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    spec = [f"{files[0]}#2", str(files[1])]
+    assert main(["preprocess", "--data", *spec, "--tokenizer", str(tmp_path / "tok"), "--max-length", "256",
+                 "--data-cache", str(tmp_path / "cache")]) == 0
+    assert "data: tokenising into" in capsys.readouterr().out
+    lines = []
+    load(spec, tokenizer, tmp_path / "cache", lines, seed=TrainConfig().seed)  # the run's default seed draws the same records
+    assert lines[0].startswith("data: cache hit")
