@@ -2,7 +2,7 @@
 
     python bench/data_scale.py --model DIR [--records 200000] [--old REV]
 
-Writes a synthetic corpus of `--records` chat records (words of the sample data, about 680
+Writes a synthetic corpus of `--records` chat records (words of the sample data, about 660
 tokens each with the tiny tokenizer), then runs `deepspeed --num_gpus 2 launch/stage1.py
 --max_steps 1` four times: on the sample data (the memory baseline), cold (empty data
 cache), warm (the same inputs again: a resume), and with today's code replaced by git
@@ -38,8 +38,8 @@ def write_corpus(path: Path, records: int, seed: int = 0) -> Path:
         for _ in range(records):
             turns = []
             for _ in range(3):
-                turns += [{"from": "human", "value": " ".join(rng.choices(words, k=60))},
-                          {"from": "gpt", "value": " ".join(rng.choices(words, k=140))}]
+                turns += [{"from": "human", "value": " ".join(rng.choices(words, k=36))},
+                          {"from": "gpt", "value": " ".join(rng.choices(words, k=80))}]
             f.write(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
     return path
 
