@@ -16,12 +16,18 @@ def _tiny_model(args) -> None:
 def _preprocess(args) -> None:
     from transformers import AutoTokenizer
 
-    from medcare_dist.data.dataset import preprocess
+    from medcare_dist.data.cache import default_cache_dir
+    from medcare_dist.data.dataset import default_num_proc, load_dataset_for_training, preprocess
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
-    preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc=args.num_proc,
-               control_tokens=args.control_tokens, thinking=args.thinking)
-    print(f"wrote tokenised dataset to {args.out}")
+    num_proc = args.num_proc or default_num_proc()
+    if args.out:
+        preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc, args.control_tokens,
+                   args.seed, thinking=args.thinking)
+        print(f"wrote tokenised dataset to {args.out}")
+    else:  # fill the cache that training runs with the same inputs and options will find
+        load_dataset_for_training(args.data, tokenizer, args.max_length, args.on_bad_record, num_proc, args.control_tokens,
+                                  seed=args.seed, cache_dir=args.data_cache or default_cache_dir(), thinking=args.thinking)
 
 
 def _prepare_stage2(args) -> None:
@@ -142,16 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-data", nargs="+", default=None, help="conversation files (default: data/sample/stage2.jsonl)")
     p.set_defaults(run=_tiny_model)
 
-    p = sub.add_parser("preprocess", help="tokenise training data once, ahead of a cluster run")
-    p.add_argument("--data", nargs="+", required=True, help="JSON, JSONL or Parquet files")
+    p = sub.add_parser("preprocess", help="tokenise training data once, ahead of a cluster run: into the data cache, "
+                       "or into a directory (--out)")
+    p.add_argument("--data", nargs="+", required=True, help="data specs, as training's --data (README: Data)")
     p.add_argument("--tokenizer", required=True, help="model dir or hub name whose tokenizer to use")
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="write the tokenised dataset to this new directory (train with --data DIR)")
+    p.add_argument("--data-cache", default=None, help="the cache to fill when --out is not given (training's --data_cache)")
+    p.add_argument("--seed", type=int, default=42, help="draws the records of `file#N` specs (training's --seed)")
     p.add_argument("--on-bad-record", choices=["error", "skip"], default="error")
     p.add_argument("--control-tokens", choices=["error", "as_text"], default="error",
                    help="message text that spells a control token (<|im_end|>, ...): refuse the record, or keep it as plain text")
     p.add_argument("--thinking", action="store_true", help="train the think block before a last reply (as thinking: true)")
-    p.add_argument("--num-proc", type=int, default=None)
+    p.add_argument("--num-proc", type=int, default=0, help="tokenising processes (0: the cores, at most 8)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(run=_preprocess)
 

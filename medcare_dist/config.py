@@ -47,7 +47,8 @@ class TrainConfig:
     # what to train
     stage: int = option(1, "1: knowledge aggregation, 2: clinical alignment (set by the launcher)", "run", choices=(1, 2), plan=True)
     model: str = option("", "stage 1: HF model dir or hub name; stage 2: the prepared stage-2 base dir", "run", runtime=True)
-    data: list[str] = option([], "data files, or one `medcare-dist preprocess` dir", "run", runtime=True)
+    data: list[str] = option([], "data files, dirs or globs of shards, save_to_disk dirs (`a.jsonl#N`: N records of it), "
+                             "or one `medcare-dist preprocess` dir", "run", runtime=True)
     output_dir: str = option("runs/out", "where checkpoints and metrics.jsonl go", "run", runtime=True)
     max_length: int = option(1024, "tokens per record; longer records are cut", "data", plan=True, check=(lambda v: v >= 2, ">= 2"))
     on_bad_record: str = option("error", "a malformed record stops the run (error) or is skipped and counted (skip)", "data",
@@ -56,6 +57,12 @@ class TrainConfig:
                                  "data", choices=("error", "as_text"))
     thinking: bool = option(False, "keep thinking: the template's think block before a last reply is trained with it "
                             "(eval: --thinking); off: Qwen3's empty think block is prompt, masked", "data")
+    data_cache: str = option("", "tokenised-data cache dir (default: the Hugging Face datasets cache/medcare_dist)", "data",
+                             runtime=True)
+    data_cache_shared: bool = option(False, "the data cache dir is shared by all nodes: global rank 0 alone tokenises "
+                                     "(default: local rank 0 of each node)", "data", runtime=True)
+    num_proc: int = option(0, "processes that tokenise (0: the node's cores, at most 8)", "data", runtime=True,
+                           check=(lambda v: v >= 0, ">= 0 (0: automatic)"))
     trust_remote_code: bool = option(False, "run the model repository's own code (only for models you trust)", "run", runtime=True)
 
     # adapters (defaults: the MedCare reference)
@@ -233,7 +240,7 @@ def _coerce(name: str, value):
     kind = typing.get_type_hints(TrainConfig)[name]
     if typing.get_origin(kind) is list:
         items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-        return [str(v) for v in items]
+        return [_data_item(v) if name == "data" and isinstance(v, dict) else str(v) for v in items]
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -246,6 +253,17 @@ def _coerce(name: str, value):
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _data_item(item: dict) -> str:
+    """A YAML data entry `{path: a.jsonl, records: 20000}` as its spec `a.jsonl#20000`."""
+    unknown = set(item) - {"path", "records"}
+    if unknown or "path" not in item:
+        raise ConfigError(f"data: an entry {item} must have 'path' and may have 'records' (got {', '.join(sorted(item))})")
+    records = item.get("records")
+    if records is not None and (not isinstance(records, int) or isinstance(records, bool) or records < 1):
+        raise ConfigError(f"data: 'records' of {item['path']} must be a whole number >= 1, got {records!r}")
+    return f"{item['path']}#{records}" if records is not None else str(item["path"])
 
 
 def parse_overrides(args: list[str]) -> dict:

@@ -13,6 +13,15 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory) -> Path:
+    """The tokenised-data cache of every run the tests start (launchers inherit the
+    environment): the session's own, never the user's Hugging Face datasets cache."""
+    path = tmp_path_factory.mktemp("hf-datasets")
+    os.environ["HF_DATASETS_CACHE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The built-in tiny Qwen2 model, written once per test session by the real CLI."""

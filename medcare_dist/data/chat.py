@@ -10,8 +10,9 @@ reply only, so rendering prefixes does not reproduce the whole rendering, yet ea
 found: the last one after the block, which (thinking off, the default) belongs to the prompt
 and is masked like the role words, so only what the assistant says, its end-of-turn token and
 the newline after it are trained (the reference's rule); with thinking kept the block is
-trained with the reply, and the prompt ends before it. A template that renders a reply some
-other way is refused, naming the turn.
+trained with the reply, and the prompt ends before it. A template that trims replies (Llama 3's
+``| trim``) is followed: the trimmed reply is located and trained as the template renders it. A
+template that renders a reply some other way is refused, naming the turn.
 
 Text inside a message that spells one of the tokenizer's added tokens (``<|im_end|>``,
 ``<think>``, ...) is never turned into that token here: it is tokenised as plain text.
@@ -26,7 +27,7 @@ import hashlib
 import json
 import re
 
-from medcare_dist.errors import ChatTemplateError
+from medcare_dist.errors import ChatTemplateError, DataError
 
 IGNORE_INDEX = -100
 _LITERAL = "\ue000{}\ue001"  # stands for a piece of message text that must stay plain text
@@ -112,7 +113,10 @@ def _reply_span(tokenizer, messages: list[dict], i: int, text: str, thinking: bo
             "generation prompt) differently from how the turn starts in the whole conversation"
         )
     reply = through[len(prompt):]  # what follows the prompt when this turn is the last one
-    at = reply.find(messages[i]["content"])
+    content = messages[i]["content"]
+    at = reply.find(content)
+    if at < 0 and content.strip() != content:  # a template that trims replies (Llama 3's `| trim`): trained as rendered
+        at = reply.find(content.strip())
     if at < 0:
         raise ChatTemplateError(f"turn {i}: the chat template does not render this assistant reply as given")
     rest = text[len(plain):]
@@ -137,13 +141,15 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 
 def tokenize_conversation(messages: list[dict], tokenizer, max_length: int, thinking: bool = False) -> dict:
     """Tokenise one conversation: input_ids, labels (-100 outside assistant replies),
-    num_label_tokens (count of labels[1:] != -100), length, truncated.
+    num_label_tokens (count of labels[1:] != -100), length, truncated, whitespace_adjusted
+    (a reply the template rendered trimmed, trained as rendered).
 
     `thinking`: see `assistant_prompt`. Control-token text inside a message is tokenised as plain text: it is swapped for a
     placeholder before rendering and encoded on its own where the placeholder lands.
     """
     literals: list[str] = []
     pattern = _control_pattern(control_token_strings(tokenizer) + ("\ue000",))
+    _check_tool_use(messages, tokenizer, pattern)
 
     def hide(match: re.Match) -> str:
         literals.append(match.group(0))
@@ -155,13 +161,30 @@ def tokenize_conversation(messages: list[dict], tokenizer, max_length: int, thin
     input_ids, starts = _encode(tokenizer, text, literals)
     labels = [token if any(begin <= start < end for begin, end in spans) else IGNORE_INDEX
               for token, start in zip(input_ids, starts)]
+    replies = [m["content"] for m in hidden if m["role"] == "assistant"]
     return {
+        "whitespace_adjusted": any(not text[begin:end].startswith(reply) for (begin, end), reply in zip(spans, replies)),
         "input_ids": input_ids[:max_length],
         "labels": labels[:max_length],
         "num_label_tokens": sum(label != IGNORE_INDEX for label in labels[1:max_length]),
         "length": min(len(input_ids), max_length),
         "truncated": len(input_ids) > max_length,
     }
+
+
+def _check_tool_use(messages: list[dict], tokenizer, pattern: re.Pattern) -> None:
+    """Tool calls and results need the template's own tool support; a call's arguments are
+    rendered as the template writes them, so control-token text there is refused."""
+    tool_turns = [j for j, m in enumerate(messages) if m["role"] == "tool" or "tool_calls" in m]
+    if not tool_turns:
+        return
+    if "tool_calls" not in tokenizer.chat_template:
+        raise DataError(f"turn {tool_turns[0]}: tool calls or results, and the chat template has no tool support "
+                        "(it never reads 'tool_calls'); use a model whose template has it, or remove the record")
+    for j in tool_turns:
+        found = pattern.search(json.dumps(messages[j].get("tool_calls", []), ensure_ascii=False))
+        if found:
+            raise DataError(f"turn {j}: a tool call spells the control token {found.group(0)!r}, which would act as one")
 
 
 def _encode(tokenizer, text: str, literals: list[str]) -> tuple[list[int], list[int]]:

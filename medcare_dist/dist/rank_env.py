@@ -182,6 +182,14 @@ def launch_rank() -> int:
     return 0
 
 
+def launch_local_rank() -> int:
+    """This process's rank within its node as the launcher set it (0 for a plain single process)."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def world_size_origin() -> str:
     """Where the world size comes from, in words, for error messages."""
     launcher = os.environ.get("MEDCARE_LAUNCHED_BY")

@@ -263,9 +263,9 @@ def _chain(first: list, rest) -> Iterator:
 def raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
     if path.suffix == ".csv":
         return _csv_rows(path)
-    from medcare_dist.data.dataset import _raw_records  # JSON, JSONL and Parquet, as training data is read
+    from medcare_dist.data.sources import raw_records as data_records  # JSON, JSONL and Parquet, as training data is read
 
-    return _raw_records(path)
+    return data_records(path)
 
 
 def read_eval_file(path: str | Path, fmt: str | None = None) -> tuple[str, list[ExamRecord] | None]:

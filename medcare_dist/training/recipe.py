@@ -24,7 +24,7 @@ from medcare_dist.data.chat import pad_token_id
 from medcare_dist.artefacts.hf_io import check_model_dir
 from medcare_dist.artefacts.hub import resolve_model
 from medcare_dist.dist.preemption import EXIT_PREEMPTED, StopRequests
-from medcare_dist.dist.rank_env import launch_rank, without_local_rank
+from medcare_dist.dist.rank_env import launch_local_rank, launch_rank, without_local_rank
 from medcare_dist.training.zero3 import enable_activation_checkpointing
 from medcare_dist.training.lm_loss import check_lm_loss, check_logits_after_head
 from medcare_dist.training.metrics import check_report_to
@@ -67,7 +67,8 @@ def build_trainer(
 
     from medcare_dist.dist import process_group as dist_utils
     from medcare_dist.dist import node_local
-    from medcare_dist.data.dataset import load_dataset_for_training
+    from medcare_dist.data.cache import default_cache_dir
+    from medcare_dist.data.dataset import default_num_proc, load_dataset_for_training
     from medcare_dist.artefacts.hf_model import load_frozen_base, model_skeleton, resolve_dtype
     from medcare_dist.training.zero3 import base_checksum, build_ds_config
 
@@ -97,7 +98,9 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
     dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record,
-                                           control_tokens=cfg.control_tokens, log=log, thinking=cfg.thinking)
+                                           cfg.num_proc or default_num_proc(), cfg.control_tokens, log=log, seed=cfg.seed,
+                                           cache_dir=cfg.data_cache or default_cache_dir(), thinking=cfg.thinking,
+                                           **_data_writer(cfg))
 
     world = dist_utils.init_distributed(cfg.timeout_minutes)
     ds_config = node_local.configure(build_ds_config(cfg.ds_config, cfg, world.world_size, dtype), cfg.ds_config)
@@ -129,6 +132,16 @@ def build_trainer(
         **manifest_extra,
     }
     return Trainer(cfg, world, engine, adapters, dataset, build_objective(adapters, cfg), pad_id, manifest, log=log)
+
+
+def _data_writer(cfg: TrainConfig) -> dict:
+    """Who tokenises the data into the cache (the process group does not exist yet): global
+    rank 0 when the cache dir is shared by all nodes, else local rank 0 of each node. The
+    others wait and say so (`note`)."""
+    rank = launch_rank()
+    writer = rank == 0 if cfg.data_cache_shared else launch_local_rank() == 0
+    return {"writer": writer, "writer_name": "rank 0" if cfg.data_cache_shared else "local rank 0 of this node",
+            "note": lambda line: print(f"rank {rank}: {line}", flush=True)}
 
 
 def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=None, check_base=None) -> int:

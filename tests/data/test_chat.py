@@ -250,3 +250,22 @@ def test_reasoning_is_trained_in_the_think_block_with_thinking_kept(family, tmp_
     runs = [token_runs(tokenizer, dataset[i]) for i in range(2)]
     assert [text for trained, text in runs[0] if trained] == ["<think>\n\n</think>\n\nGo to A&E.<|im_end|>\n"]
     assert [text for trained, text in runs[1] if trained] == ["<think>\nMild, no red flags.\n</think>\n\nRest.<|im_end|>\n"]
+
+
+def test_tool_calls_are_trained_and_tool_results_masked_with_the_templates_own_tool_support(tmp_path):
+    from transformers import AutoTokenizer
+
+    from medcare_dist.data.formats import normalize_record
+
+    tokenizer = AutoTokenizer.from_pretrained(write_family("qwen2.5", tmp_path / "tokenizer"))
+    call = {"type": "function", "function": {"name": "dose", "arguments": {"drug": "ibuprofen"}}}
+    record = {"messages": [{"role": "user", "content": "Can I take ibuprofen?"},
+                           {"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "content": "200-400 mg every 6-8 hours"},
+                           {"role": "assistant", "content": "Yes, 200-400 mg every 6-8 hours with food."}]}
+    runs = token_runs(tokenizer, tokenize_conversation(normalize_record(record), tokenizer, 4096))
+    trained = [text for is_trained, text in runs if is_trained]
+    masked = "".join(text for is_trained, text in runs if not is_trained)
+    assert trained == ['<tool_call>\n{"name": "dose", "arguments": {"drug": "ibuprofen"}}\n</tool_call><|im_end|>\n',
+                       "Yes, 200-400 mg every 6-8 hours with food.<|im_end|>\n"]
+    assert "<tool_response>\n200-400 mg every 6-8 hours\n</tool_response>" in masked

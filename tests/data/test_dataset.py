@@ -120,7 +120,7 @@ def test_template_that_hides_where_a_reply_starts_is_refused(tmp_path, tokenizer
 
 BAD_RECORDS = [
     ([1, 2], "record is not an object"),
-    ({"id": 7}, "neither 'conversations' nor 'messages'"),
+    ({"id": 7}, "neither 'conversations' (ShareGPT) nor 'messages' (OpenAI)"),
     ({**medcare(*SINGLE), **openai(*SINGLE)}, "both 'conversations' and 'messages'"),
     ({"conversations": "hello"}, "'conversations' is not a list"),
     ({"conversations": []}, "empty conversation"),
@@ -221,7 +221,8 @@ def test_json_jsonl_parquet_and_both_shapes_give_the_same_tokens(tmp_path, token
     assert set(results[0]) == {"input_ids", "labels", "num_label_tokens", "length"}
 
 
-def test_several_files_and_worker_processes(tmp_path, tokenizer, good_jsonl):
+def test_several_files_and_worker_processes(tmp_path, tokenizer, good_jsonl, monkeypatch):
+    monkeypatch.setattr("medcare_dist.data.dataset.RECORDS_PER_PROCESS", 1)  # workers even for 4 records
     other = write_jsonl(tmp_path / "other.jsonl", [openai(*SINGLE)])
     serial, stats = build_dataset(f"{good_jsonl}, {other}", tokenizer, 512)
     parallel, _ = build_dataset([good_jsonl, other], tokenizer, 512, num_proc=2)
@@ -332,7 +333,8 @@ def test_stage1_launcher_fails_before_the_process_group_on_nothing_to_train(tmp_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "stage 1: error: all 3 records lost every trained token at max_length 32: the prompts are longer; raise max_length")
-    assert "world size" not in proc.stdout and not (tmp_path / "run").exists()
+    # the output dir exists (the run lock makes it first) and is left empty: the lock released, nothing written
+    assert "world size" not in proc.stdout and not any((tmp_path / "run").iterdir())
     assert time.monotonic() - started < 120
 
 
@@ -349,9 +351,9 @@ def test_preprocess_then_load_equals_build(tmp_path, tokenizer, good_jsonl):
     assert loaded.to_dict() == built.to_dict() and loaded_stats == built_stats == stats
     assert len(lines) == 2 and lines[1].startswith("data: 3 records (0 invalid skipped")
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["max_length"] == 512 and manifest["tokenizer"]["vocab_size"] == len(tokenizer)
-    assert manifest["sources"][0]["size"] == good_jsonl.stat().st_size
-    assert len(manifest["sources"][0]["sha256"]) == 64
+    assert manifest["recipe"]["max_length"] == 512 and manifest["vocab_size"] == len(tokenizer)
+    assert manifest["sources"][0]["files"][0]["size"] == good_jsonl.stat().st_size
+    assert len(manifest["sources"][0]["files"][0]["sha256"]) == 64
 
     from_files, _ = load_dataset_for_training([good_jsonl], tokenizer, 512, log=lines.append)
     assert from_files.to_dict() == built.to_dict()
@@ -368,8 +370,10 @@ def test_load_refuses_a_mismatched_tokenizer_or_max_length(tmp_path, tokenizer, 
         load_dataset_for_training(out, smaller, 512, log=lambda line: None)
     with pytest.raises(DataError, match="preprocessed with max_length 512, but max_length 256"):
         load_dataset_for_training(out, tokenizer, 256, log=lambda line: None)
-    with pytest.raises(DataError, match="without medcare_data.json"):
-        load_dataset_for_training(tmp_path, tokenizer, 512, log=lambda line: None)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("not data")
+    with pytest.raises(DataError, match="notes is a directory without data files"):
+        load_dataset_for_training(tmp_path / "notes", tokenizer, 512, log=lambda line: None)
 
 
 def test_loading_data_preprocessed_with_skips_needs_skip_mode(tmp_path, tokenizer):

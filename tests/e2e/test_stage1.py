@@ -53,3 +53,12 @@ def test_checkpoint_holds_adapters_agreed_by_both_ranks_and_an_untouched_base(st
     assert any(float(t.abs().sum()) > 0 for n, t in adapters.items() if n.endswith("lora_B"))
     total = sum(p.stat().st_size for p in (stage1_run / "checkpoint-20").iterdir())
     assert total < 5 * sum(t.numel() * 4 for t in adapters.values()) + 1_000_000  # no frozen base inside
+
+
+def test_one_rank_tokenises_and_the_other_memory_maps_the_same_entry(stage1_run):
+    lines = (stage1_run / "launcher.log").read_text().splitlines()
+    written = [line for line in lines if "data: tokenising into " in line or "data: cache hit, " in line]
+    loaded = [line for line in lines if "rank 1: data: loading " in line]
+    assert len(written) == 1 and len(loaded) == 1, "\n".join(written + loaded)
+    entry = written[0].rsplit(" ", 1)[-1]
+    assert f"loading {entry}, tokenised by local rank 0 of this node" in loaded[0]  # both ranks read the same files
