@@ -71,8 +71,9 @@ class TrainConfig:
                              "adapters", stage1_only=True, plan=True, check=_POSITIVE)
     router_aux_loss_coef: float = option(0.0, "load-balancing loss weight (off in the reference)", "adapters", stage1_only=True,
                                          check=(lambda v: v >= 0, ">= 0"))
-    routed_compute: str = option("dense", "how the routed experts are computed (same result)", "adapters",
-                                 choices=("dense", "sparse"), runtime=True, stage1_only=True, plan=True)
+    routed_compute: str = option("dense", "how the routed experts are computed (same result): dense, sparse, fused "
+                                 "(Triton; unmeasured on GPU), auto (fused on CUDA with Triton, else dense)", "adapters",
+                                 choices=("dense", "sparse", "fused", "auto"), runtime=True, stage1_only=True, plan=True)
 
     # stage 2
     ortho_lambda: float = option(1.0, "weight of the orthogonality penalty |A_know A_align^T|", "stage 2",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import importlib.util
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,6 +18,14 @@ import torch.nn.functional as F
 from medcare_dist.adapters.adapter_set import lora_pairs
 from medcare_dist.config import choices
 from medcare_dist.adapters.lora import init_lora_a
+
+
+def resolve_routed_compute(name: str, device: torch.device) -> str:
+    """`routed_compute` -> the path taken on `device`: auto is fused on CUDA when Triton is
+    importable, dense otherwise (fused is unmeasured on GPUs: docs/benchmarks.md)."""
+    if name != "auto":
+        return name
+    return "fused" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "dense"
 
 
 @dataclass
@@ -169,7 +179,16 @@ class MoLoRA(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         xd = self.dropout(x)
-        if self.routed_compute == "dense":
+        mode = resolve_routed_compute(self.routed_compute, x.device)
+        if mode == "fused":
+            from medcare_dist.method.molora_triton import FusedRoutedExperts
+
+            top_w, self.last_routing = self._top_k(x)
+            shared = F.linear(F.linear(xd, self.ka_A.to(x.dtype)) * self.scale, self.ka_B.to(x.dtype))
+            routed = FusedRoutedExperts.apply(xd, self.na_A.to(x.dtype), self.na_B.to(x.dtype), top_w * self.scale,
+                                              self.last_routing.top_idx, self.num_experts)
+            out = shared + routed
+        elif mode == "dense":
             gates, self.last_routing = self.route(x)
             h = F.linear(xd, torch.cat([self.ka_A, self.na_A]).to(x.dtype)) * self.scale  # scaled in rank space: cheap
             ka_h, na_h = h.split([self.shared_rank, self.num_experts * self.rank], dim=-1)
