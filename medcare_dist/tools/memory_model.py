@@ -12,6 +12,7 @@ import torch
 
 from medcare_dist.adapters.adapter_set import adapter_compute_dtype
 from medcare_dist.data.batching import row_tokens
+from medcare_dist.method.molora import resolve_routed_compute
 from medcare_dist.errors import InputNotFoundError
 from medcare_dist.training.lm_loss import loss_working_bytes
 
@@ -139,6 +140,11 @@ class AdapterLayout:
     align_attention: bool = False  # stage 2
     routed_compute: str = "dense"  # stage 1: MoLoRA's routed_compute (what autograd keeps differs)
 
+    @property
+    def routed_path(self) -> str:
+        """The path a CUDA GPU takes (the plan is for one): auto is fused where Triton is importable."""
+        return resolve_routed_compute(self.routed_compute, torch.device("cuda"))
+
     def counts(self, shape: ModelShape) -> dict[str, int]:
         """Adapter params of the whole model: trainable and frozen."""
         r, rs, E = self.lora_r, self.lora_r * self.num_shared, self.num_experts
@@ -208,13 +214,17 @@ def activation_bytes_per_token_layer(shape: ModelShape, layout: AdapterLayout, d
                 if kind == "lora":
                     total += a * (rs if layout.stage == 2 else r)  # A x, kept for B's gradient
                 else:
-                    total += _molora_rank_bytes(layout.routed_compute, a, r, rs, E, k)
+                    total += _molora_rank_bytes(layout.routed_path, a, r, rs, E, k)
         total += a * d_in * ((any(keeps_input) and not kept_by_base) if shared_input else sum(keeps_input))
     return total
 
 
 def _molora_rank_bytes(routed_compute: str, a: int, r: int, rs: int, E: int, k: int) -> int:
     """Per token, one MoLoRA's rank-space tensors (adapter dtype), fp32 router outputs and int64 ids."""
+    if routed_compute == "fused":
+        # shared A x; the fp32 rank-space h [k*r] and gates [k]; probs, top-k weights and their
+        # sum; top-k ids (int64) and the kernels' two int32 indices
+        return a * rs + 4 * (k * r + E + 2 * k + 1) + 8 * k + 4 * 2 * k
     if routed_compute == "sparse":
         # shared A x; the routed [k*r] before and after gating and the gates; probs, top-k
         # weights (two forms) and their sum; top-k ids and the two grouping indices
@@ -236,7 +246,7 @@ def activation_bytes_per_layer_fixed(shape: ModelShape, layout: AdapterLayout, a
             for kind in kinds:
                 if kind == "mixture":
                     width = rs + E * r
-                    dense = layout.routed_compute == "dense"
+                    dense = layout.routed_path == "dense"
                     total += a * width * (d_in + d_out) if dense or cast else 0
                     total += a * E * d_in if cast else 0  # the router's weight
                 elif cast:

@@ -1,17 +1,13 @@
 """The fused routed experts (method/molora_triton.py) against the dense path, on CPU under
-Triton's interpreter: forward, input gradient, adapter gradients and router gradient, fp32.
-TRITON_INTERPRET must be set before the kernels are decorated, hence at this module's import."""
+Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before any kernel is defined):
+forward, input gradient, adapter gradients and router gradient, fp32."""
 
-import os
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from medcare_dist.method.molora import MoLoRA, resolve_routed_compute
 
 pytest.importorskip("triton", reason="routed_compute 'fused' needs Triton (pip install triton): its kernels are not testable without it")
-
-from medcare_dist.method.molora import MoLoRA, resolve_routed_compute  # noqa: E402
 
 
 def pair(d_in, d_out, rank, num_experts, top_k, seed=0):

@@ -3,6 +3,7 @@ autograd, the model-state figures against DeepSpeed's own ZeRO-3 estimator, and 
 decision on the three built-in Qwen1.5 shapes. All arithmetic or tiny models: fast, CPU."""
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -122,8 +123,14 @@ def _saved_bytes(layers: int, dropout: float, routed_compute: str, adapter_dtype
 ADAPTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def _routed(name):
+    """routed_compute values to measure; fused runs its Triton kernels under the interpreter."""
+    has_triton = importlib.util.find_spec("triton") is not None
+    return pytest.param(name, marks=pytest.mark.skipif(name == "fused" and not has_triton, reason="fused needs Triton"))
+
+
 @pytest.mark.parametrize("adapter_dtype", ADAPTER_DTYPES)
-@pytest.mark.parametrize("routed_compute", ["dense", "sparse"])
+@pytest.mark.parametrize("routed_compute", [_routed(name) for name in ("dense", "sparse", "fused")])
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_activation_estimate_per_layer_matches_what_autograd_saves(dropout, routed_compute, adapter_dtype):
     """One decoder layer's share = saved bytes with 3 layers - with 2 layers (the embedding,
