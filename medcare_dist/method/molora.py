@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import importlib.util
+import os
 
 import torch
 import torch.nn as nn
@@ -23,9 +24,14 @@ from medcare_dist.adapters.lora import init_lora_a
 def resolve_routed_compute(name: str, device: torch.device) -> str:
     """`routed_compute` -> the path taken on `device`: auto is fused on CUDA when Triton is
     importable, dense otherwise (fused is unmeasured on GPUs: docs/benchmarks.md)."""
+    has_triton = importlib.util.find_spec("triton") is not None
+    if name == "fused" and not has_triton:
+        raise ValueError("routed_compute 'fused' needs Triton (pip install triton, or the triton extra); use dense or auto")
+    if name == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"routed_compute 'fused' runs on CUDA (or under TRITON_INTERPRET=1), not {device.type}; use dense or auto")
     if name != "auto":
         return name
-    return "fused" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "dense"
+    return "fused" if device.type == "cuda" and has_triton else "dense"
 
 
 @dataclass

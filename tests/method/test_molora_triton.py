@@ -59,3 +59,9 @@ def test_auto_is_dense_on_cpu_and_fused_only_on_cuda():
     assert resolve_routed_compute("auto", torch.device("cpu")) == "dense"
     assert resolve_routed_compute("auto", torch.device("cuda")) == "fused"  # Triton is importable here
     assert resolve_routed_compute("sparse", torch.device("cuda")) == "sparse"
+
+
+def test_fused_on_cpu_without_the_interpreter_is_refused_in_one_line(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        resolve_routed_compute("fused", torch.device("cpu"))
