@@ -88,7 +88,7 @@ def _plan(args) -> None:
     import json
 
     from medcare_dist.config import PLAN_OPTIONS, TrainConfig, load_config
-    from medcare_dist.tools.planner import AdapterLayout, plan
+    from medcare_dist.tools.planner import AdapterLayout, StepOptions, plan
 
     given = {k: getattr(args, k) for k in PLAN_OPTIONS if getattr(args, k) is not None}
     if args.model:
@@ -101,9 +101,11 @@ def _plan(args) -> None:
         lora_dropout=cfg.lora_dropout, freeze_knowledge=cfg.freeze_knowledge, align_attention=cfg.align_attention,
         routed_compute=cfg.routed_compute,
     )
+    step = StepOptions(lm_loss=cfg.lm_loss, loss_chunk_tokens=cfg.loss_chunk_tokens, adapter_dtype=cfg.adapter_dtype,
+                       packing=cfg.packing, pack_tokens=cfg.pack_tokens)
     dtype = "bf16" if cfg.dtype == "auto" else cfg.dtype  # auto is bf16 on the GPUs planned for
     result = plan(cfg.model, cfg.stage, args.nodes, args.gpus_per_node, args.gpu_memory, cfg.micro_batch_size, cfg.max_length,
-                  cfg.grad_checkpointing, dtype, layout, args.reserve, ds_config)
+                  cfg.grad_checkpointing, dtype, layout, args.reserve, ds_config, step)
     print(json.dumps(result.to_dict(), indent=1) if args.json else result.render())
 
 

@@ -83,8 +83,9 @@ class TrainConfig:
                              "adapters", stage1_only=True, plan=True, check=_POSITIVE)
     router_aux_loss_coef: float = option(0.0, "load-balancing loss weight (off in the reference)", "adapters", stage1_only=True,
                                          check=(lambda v: v >= 0, ">= 0"))
-    routed_compute: str = option("dense", "how the routed experts are computed (same result)", "adapters",
-                                 choices=("dense", "sparse"), runtime=True, stage1_only=True, plan=True)
+    routed_compute: str = option("dense", "how the routed experts are computed (same result): dense, sparse, fused "
+                                 "(Triton; unmeasured on GPU), auto (fused on CUDA with Triton, else dense)", "adapters",
+                                 choices=("dense", "sparse", "fused", "auto"), runtime=True, stage1_only=True, plan=True)
 
     # stage 2
     ortho_lambda: float = option(1.0, "weight of the orthogonality penalty |A_know A_align^T|", "stage 2",
@@ -108,12 +109,12 @@ class TrainConfig:
                                       runtime=True, plan=True)
     seed: int = option(42, "adapter init, data order and dropout", "optimisation")
     packing: str = option("auto", "pack records into rows (exact: same result): auto (under flash-attention varlen), on, off",
-                          "optimisation", choices=("auto", "on", "off"), runtime=True)
-    pack_tokens: int = option(0, "tokens per packed row; 0: max_length", "optimisation", runtime=True,
+                          "optimisation", choices=("auto", "on", "off"), runtime=True, plan=True)
+    pack_tokens: int = option(0, "tokens per packed row; 0: max_length", "optimisation", runtime=True, plan=True,
                               check=(lambda v: v >= 0, ">= 0"))
     lm_loss: str = option("chunked", "LM loss: chunked (no full logits), full, liger (CUDA, liger-kernel)", "optimisation",
-                          choices=("chunked", "full", "liger"), runtime=True)
-    loss_chunk_tokens: int = option(1024, "tokens per LM-head chunk of the chunked loss", "optimisation", runtime=True,
+                          choices=("chunked", "full", "liger"), runtime=True, plan=True)
+    loss_chunk_tokens: int = option(1024, "tokens per LM-head chunk of the chunked loss", "optimisation", runtime=True, plan=True,
                                     check=_POSITIVE)
     grad_bucket_mb: float = option(25.0, "adapter gradients are all-reduced in buckets of this size while backward runs",
                                    "optimisation", runtime=True, check=(lambda v: v > 0, "> 0"))
@@ -124,7 +125,7 @@ class TrainConfig:
     dtype: str = option("auto", "base dtype: auto (bf16 where supported, else fp32)", "runtime",
                         choices=("auto", "bf16", "fp16", "fp32"), plan=True)
     adapter_dtype: str = option("auto", "adapter matmul precision (weights stay fp32): auto (bf16 with a bf16 base)", "runtime",
-                                choices=("auto", "bf16", "fp32"))
+                                choices=("auto", "bf16", "fp32"), plan=True)
     log_every: int = option(10, "steps between log records", "runtime", runtime=True, check=(lambda v: v >= 1, ">= 1"))
     save_every: int = option(0, "steps between checkpoints (0: at the end only)", "runtime", runtime=True,
                              check=(lambda v: v >= 0, ">= 0 (0: save at the end only)"))

@@ -11,6 +11,7 @@ from helpers import HUB_REPO, REPO, SAMPLE, free_port, layout_hub_cache, run_lau
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the tests run Triton kernels (routed_compute fused) on CPU tensors
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -44,6 +44,12 @@ def plan_global_batches(lengths: Iterable[int], global_batch_size: int, seed: in
 Piece = list[list[int]]  # a micro-batch: its rows, each row the record indices laid end to end in it
 
 
+def row_tokens(max_length: int, pack_tokens: int) -> int:
+    """Tokens in one row of a micro-batch, at most: packed (pack_tokens > 0) the packing
+    budget, padded the longest record (max_length)."""
+    return pack_tokens or max_length
+
+
 def split_global_batch(global_batch: Sequence[int], lengths: Sequence[int], micro_batch_size: int,
                        pack_tokens: int = 0) -> list[Piece]:
     """The micro-batches ("pieces") of one global batch, the same at every world size; each

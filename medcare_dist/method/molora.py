@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import importlib.util
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,6 +19,19 @@ import torch.nn.functional as F
 from medcare_dist.adapters.adapter_set import lora_pairs
 from medcare_dist.config import choices
 from medcare_dist.adapters.lora import init_lora_a
+
+
+def resolve_routed_compute(name: str, device: torch.device) -> str:
+    """`routed_compute` -> the path taken on `device`: auto is fused on CUDA when Triton is
+    importable, dense otherwise (fused is unmeasured on GPUs: docs/benchmarks.md)."""
+    has_triton = importlib.util.find_spec("triton") is not None
+    if name == "fused" and not has_triton:
+        raise ValueError("routed_compute 'fused' needs Triton (pip install triton, or the triton extra); use dense or auto")
+    if name == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"routed_compute 'fused' runs on CUDA (or under TRITON_INTERPRET=1), not {device.type}; use dense or auto")
+    if name != "auto":
+        return name
+    return "fused" if device.type == "cuda" and has_triton else "dense"
 
 
 @dataclass
@@ -169,7 +185,16 @@ class MoLoRA(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         xd = self.dropout(x)
-        if self.routed_compute == "dense":
+        mode = resolve_routed_compute(self.routed_compute, x.device)
+        if mode == "fused":
+            from medcare_dist.method.molora_triton import FusedRoutedExperts
+
+            top_w, self.last_routing = self._top_k(x)
+            shared = F.linear(F.linear(xd, self.ka_A.to(x.dtype)) * self.scale, self.ka_B.to(x.dtype))
+            routed = FusedRoutedExperts.apply(xd, self.na_A.to(x.dtype), self.na_B.to(x.dtype), top_w * self.scale,
+                                              self.last_routing.top_idx, self.num_experts)
+            out = shared + routed
+        elif mode == "dense":
             gates, self.last_routing = self.route(x)
             h = F.linear(xd, torch.cat([self.ka_A, self.na_A]).to(x.dtype)) * self.scale  # scaled in rank space: cheap
             ka_h, na_h = h.split([self.shared_rank, self.num_experts * self.rank], dim=-1)

@@ -34,34 +34,45 @@ working memory
                   they are used again within stage3_max_reuse_distance: at the turn from forward
                   to backward the last layers are reused after twice their own size, so up to
                   max_reuse_distance / 2 params stay gathered (all of them for a small model).
-  activations     per token and per decoder layer, what autograd keeps for backward with a
-                  frozen base, SDPA attention (flash / memory-efficient: no [seq, seq] scores),
-                  HF's Qwen2 code and our adapter hooks (which cast the input to the adapters'
-                  fp32, one copy per adapter):
+  activations     per token (micro-batch rows x the trainer's row budget: max_length, or
+                  --pack_tokens when packing) and per decoder layer, what autograd keeps for
+                  backward with a frozen base, SDPA attention (flash / memory-efficient: no
+                  [seq, seq] scores), HF's Qwen2 code and our adapter hooks, whose matmuls run in
+                  --adapter_dtype (auto: bf16 with a bf16 base; tools/memory_model.py):
                     RMSNorm x2:           fp32 input, 4h each
                     attention:            q, k, v, output in the base dtype, fp32 log-sum-exp
                     SwiGLU:               gate, up and silu(gate) in the base dtype
-                    per adapted Linear:   its fp32 input copy (4 bytes x d_in), dropped when
-                                          dropout > 0, plus the dropout mask (1 byte on GPU);
-                                          a MoLoRA with dropout also keeps the undropped copy
-                                          for its router; a frozen knowledge adapter keeps
+                    per adapted Linear:   its input in the adapter dtype: a cast copy per Linear
+                                          when that differs from the base dtype, else the base
+                                          Linear's own input (shared by q/k/v and by gate/up;
+                                          o_proj's is the attention output, kept already);
+                                          with dropout each adapter's dropped copy and mask
+                                          (1 byte on GPU) instead, and a MoLoRA's router keeps
+                                          the undropped input; a frozen knowledge adapter keeps
                                           only the mask
-                    rank-space:           fp32 A x per LoRA; per MoLoRA its rank-space tensors,
-                                          gates and int64 indices (which depend on
-                                          --routed_compute), and for the dense one a copy of
-                                          its concatenated A's and B's per layer
-                  plus, at the loss, (base bytes + 4 + 4 + 4) x vocab per token: the logits,
-                  their fp32 copy, the kept log-softmax and its gradient.
+                    rank-space:           A x per LoRA; per MoLoRA its rank-space tensors,
+                                          fp32 gates and int64 indices (which depend on
+                                          --routed_compute), and per layer the adapter weights
+                                          as cast to the matmul dtype (none for fp32 LoRA
+                                          weights) and the dense MoLoRA's concatenated A's and B's
                   With --grad_checkpointing (non-reentrant, per decoder layer): each layer keeps only its
                   input (base bytes x h per token), and one layer's full set is live again
                   while it is recomputed in backward.
-                  tests/tools/test_planner.py checks the per-layer figure against the bytes that
-                  autograd actually saves on a small Qwen2 with the real adapters attached.
+  loss working set what --lm_loss holds at its peak (training/lm_loss.loss_working_bytes, the
+                  function that sits beside the loss the trainer runs): chunked, the hidden rows'
+                  gradient and one [--loss_chunk_tokens, vocab] fp32 block plus its cast; full,
+                  the logits, their fp32 copy, the kept log-softmax and its gradient.
+                  tests/tools/test_planner.py checks both against the bytes autograd actually
+                  saves on a small Qwen2 with the real adapters attached, for every adapter
+                  dtype, dropout, routed_compute and loss.
   reserve         --reserve GiB for the CUDA context, NCCL buffers and allocator fragmentation.
 
-peak = model states + max(activations + gathered params, the flat all-reduce buffer of the
-adapter gradients). What does not fit with ds_configs/zero3.json is tried again with the base
-shard offloaded to CPU (ds_configs/zero3_offload.json); the pinned CPU memory that takes per
+peak = model states + max(activations + loss + gathered params, the adapter gradients' all-reduce
+copies). The gradient buckets (dist/grad_buckets.py) each keep their flat copy until the step's
+`finish()`, so at the end of the last backward they hold one more copy of every adapter gradient
+whatever --grad_bucket_mb: the same bytes as one flat buffer, counted as such. What does not fit
+with ds_configs/zero3.json is tried again with the base shard offloaded to CPU
+(ds_configs/zero3_offload.json); the pinned CPU memory that takes per
 node is shown.
 """
 
@@ -71,208 +82,22 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medcare_dist.errors import ConfigError, InputNotFoundError
+from medcare_dist.errors import ConfigError
 from medcare_dist.resources import resolve_ds_config
+from medcare_dist.tools.memory_model import (
+    ADAPTER_BYTES,
+    DTYPE_BYTES,
+    AdapterLayout,
+    StepOptions,
+    activation_bytes,
+    base_counts,
+    load_shape,
+)
 
 GiB = 2**30
 ZERO3 = "zero3"
 ZERO3_OFFLOAD = "zero3_offload"
 ZERO3_NODE_LOCAL = "zero3_node_local"  # several nodes: the base's gathers stay inside each node
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-ADAPTER_BYTES = 4  # adapters, their gradients and AdamW states are fp32
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tie_word_embeddings: bool = False
-    head_dim: int = 0  # 0: hidden // heads
-    qkv_bias: bool = True  # Qwen2: q, k, v projections have a bias, o does not
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * (self.head_dim or self.hidden // self.heads)
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
-
-    def attn_linears(self) -> dict[str, tuple[int, int]]:
-        """name -> (d_in, d_out) of the attention projections of one layer."""
-        h = self.hidden
-        return {"q_proj": (h, self.q_dim), "k_proj": (h, self.kv_dim), "v_proj": (h, self.kv_dim), "o_proj": (self.q_dim, h)}
-
-    def ffn_linears(self) -> dict[str, tuple[int, int]]:
-        h, i = self.hidden, self.intermediate
-        return {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
-# Qwen1.5 shapes as published in each model's config.json (Qwen2ForCausalLM).
-BUILTIN = {
-    "qwen1.5-1.8b": ModelShape("Qwen1.5-1.8B", 2048, 5504, 24, 16, 16, 151936),
-    "qwen1.5-7b": ModelShape("Qwen1.5-7B", 4096, 11008, 32, 32, 32, 151936),
-    "qwen1.5-14b": ModelShape("Qwen1.5-14B", 5120, 13696, 40, 40, 40, 152064),
-}
-
-
-def _builtin_key(name: str) -> str | None:
-    key = name.strip().lower().removeprefix("qwen/").removesuffix("-chat")
-    if key in BUILTIN:
-        return key
-    return f"qwen1.5-{key}" if f"qwen1.5-{key}" in BUILTIN else None
-
-
-def load_shape(name_or_path: str) -> ModelShape:
-    """A built-in name (`Qwen1.5-7B`, `Qwen/Qwen1.5-7B-Chat`, `7B`), a config.json, or a model
-    directory holding one. A local path wins over a built-in name."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.is_file():
-        cfg = json.loads(path.read_text())
-        heads = cfg["num_attention_heads"]
-        return ModelShape(
-            name=str(name_or_path),
-            hidden=cfg["hidden_size"],
-            intermediate=cfg["intermediate_size"],
-            layers=cfg["num_hidden_layers"],
-            heads=heads,
-            kv_heads=cfg.get("num_key_value_heads") or heads,
-            vocab=cfg["vocab_size"],
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            head_dim=cfg.get("head_dim") or 0,
-            qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type", "qwen2").startswith("qwen2"))),
-        )
-    key = _builtin_key(name_or_path)
-    if key is None:
-        raise InputNotFoundError(f"{name_or_path!r} is neither a config.json / model dir nor a built-in model ({', '.join(s.name for s in BUILTIN.values())})")
-    return BUILTIN[key]
-
-
-# --- parameter counts ------------------------------------------------------------------
-
-def base_params(shape: ModelShape) -> list[tuple[str, int]]:
-    """(module, numel of each of its own params) for every module with params, in model order:
-    what DeepSpeed gathers one module at a time."""
-    h, V = shape.hidden, shape.vocab
-    out = [("embed_tokens", [V * h])]
-    for layer in range(shape.layers):
-        for name, (d_in, d_out) in shape.attn_linears().items():
-            bias = shape.qkv_bias and name != "o_proj"
-            out.append((f"layers.{layer}.{name}", [d_in * d_out] + ([d_out] if bias else [])))
-        for name, (d_in, d_out) in shape.ffn_linears().items():
-            out.append((f"layers.{layer}.{name}", [d_in * d_out]))
-        out += [(f"layers.{layer}.input_layernorm", [h]), (f"layers.{layer}.post_attention_layernorm", [h])]
-    out.append(("norm", [h]))
-    if not shape.tie_word_embeddings:
-        out.append(("lm_head", [V * h]))
-    return out
-
-
-def base_counts(shape: ModelShape, persistence_threshold: float = 0) -> dict[str, int]:
-    """total params, the largest module's params, and the params below the persistence threshold."""
-    modules = base_params(shape)
-    return {
-        "total": sum(sum(ps) for _, ps in modules),
-        "largest_module": max(sum(ps) for _, ps in modules),
-        "persistent": sum(n for _, ps in modules for n in ps if n < persistence_threshold),
-    }
-
-
-def lora_params(d_in: int, d_out: int, rank: int) -> int:
-    return rank * (d_in + d_out)
-
-
-@dataclass
-class AdapterLayout:
-    stage: int = 1
-    lora_r: int = 16
-    num_experts: int = 8
-    top_k: int = 2
-    num_shared: int = 2
-    lora_dropout: float = 0.05
-    freeze_knowledge: bool = False  # stage 2
-    align_attention: bool = False  # stage 2
-    routed_compute: str = "dense"  # stage 1: MoLoRA's routed_compute (what autograd keeps differs)
-
-    def counts(self, shape: ModelShape) -> dict[str, int]:
-        """Adapter params of the whole model: trainable and frozen."""
-        r, rs, E = self.lora_r, self.lora_r * self.num_shared, self.num_experts
-        trainable = frozen = 0
-        for _ in range(shape.layers):
-            if self.stage == 1:
-                trainable += sum(lora_params(i, o, r) for i, o in shape.attn_linears().values())
-                for d_in, d_out in shape.ffn_linears().values():
-                    trainable += lora_params(d_in, d_out, rs) + E * lora_params(d_in, d_out, r) + d_in * E + E
-            else:
-                for d_in, d_out in shape.ffn_linears().values():
-                    know = lora_params(d_in, d_out, rs)
-                    frozen += know if self.freeze_knowledge else 0
-                    trainable += lora_params(d_in, d_out, rs) + (0 if self.freeze_knowledge else know)
-                if self.align_attention:
-                    trainable += sum(lora_params(i, o, rs) for i, o in shape.attn_linears().values())
-        return {"trainable": trainable, "frozen": frozen, "total": trainable + frozen}
-
-
-# --- activations -----------------------------------------------------------------------
-
-def activation_bytes_per_token_layer(shape: ModelShape, layout: AdapterLayout, dtype_bytes: int, dropout_mask_bytes: int = 1) -> int:
-    """Bytes autograd keeps per token for one decoder layer (see the module docstring).
-
-    `dropout_mask_bytes`: 1 on GPU (the fused dropout keeps a bool mask); CPU's dropout keeps
-    a float noise tensor instead (4 bytes for the fp32 adapters)."""
-    h, i, p = shape.hidden, shape.intermediate, dtype_bytes
-    total = 2 * 4 * h  # two RMSNorms keep their fp32 input
-    total += p * (shape.q_dim + 2 * shape.kv_dim + shape.q_dim) + 4 * shape.heads  # SDPA: q, k, v, out, lse
-    total += 3 * p * i  # SwiGLU: gate, up, silu(gate)
-    mask = dropout_mask_bytes if layout.lora_dropout > 0 else 0
-    lora_in = 4 + mask  # the (dropped) fp32 input copy and the dropout mask
-    molora_in = 4 + (4 + mask if mask else 0)  # + the router's undropped copy when they differ
-    r, rs, E, k = layout.lora_r, layout.lora_r * layout.num_shared, layout.num_experts, layout.top_k
-    lora_rank = lambda rank: 4 * rank  # noqa: E731  A x, kept for B's gradient
-    if layout.routed_compute == "sparse":
-        # shared A x; the routed [k*r] before and after gating; probs; top-k weights (three
-        # forms) and their sum; top-k ids and the two grouping indices (int64)
-        molora_rank = 4 * (rs + 2 * k * r + E + 3 * k + 1) + 8 * 3 * k
-    else:
-        # [r_ka + E*r] after A and again gated, the repeated gates [E*r]; probs; top-k
-        # weights and their sum; top-k ids (int64)
-        molora_rank = 4 * (2 * (rs + E * r) + E * r + E + k + 1) + 8 * k
-    attn_in = [d_in for d_in, _ in shape.attn_linears().values()]
-    ffn_in = [d_in for d_in, _ in shape.ffn_linears().values()]
-    if layout.stage == 1:
-        total += sum(lora_in * d + lora_rank(r) for d in attn_in)
-        total += sum(molora_in * d + molora_rank for d in ffn_in)
-    else:
-        # a frozen knowledge adapter keeps only its dropout mask: no weight gradient to compute
-        know = [mask * d if layout.freeze_knowledge else lora_in * d + lora_rank(rs) for d in ffn_in]
-        total += sum(know) + sum(lora_in * d + lora_rank(rs) for d in ffn_in)
-        if layout.align_attention:
-            total += sum(lora_in * d + lora_rank(rs) for d in attn_in)
-    return total
-
-
-def activation_bytes_per_layer_fixed(shape: ModelShape, layout: AdapterLayout) -> int:
-    """Bytes per decoder layer and micro-batch whatever the token count: the dense MoLoRA
-    keeps its concatenated fp32 A's and B's ([r_ka + E*r] x (d_in + d_out)) for backward."""
-    if layout.stage != 1 or layout.routed_compute != "dense":
-        return 0
-    width = layout.lora_r * layout.num_shared + layout.num_experts * layout.lora_r
-    return sum(4 * width * (d_in + d_out) for d_in, d_out in shape.ffn_linears().values())
-
-
-def activation_bytes(shape: ModelShape, layout: AdapterLayout, dtype_bytes: int, tokens: int, grad_ckpt: bool) -> dict[str, int]:
-    per_layer = activation_bytes_per_token_layer(shape, layout, dtype_bytes) * tokens + activation_bytes_per_layer_fixed(shape, layout)
-    layers = shape.layers * dtype_bytes * shape.hidden * tokens + per_layer if grad_ckpt else shape.layers * per_layer
-    logits = (dtype_bytes + 4 + 4 + 4 if dtype_bytes != 4 else 12) * shape.vocab * tokens
-    return {"layers": layers, "logits": logits, "total": layers + logits}
-
 
 # --- the plan --------------------------------------------------------------------------
 
@@ -332,7 +157,7 @@ class Plan:
             f"  adapter gradients (fp32)         {gib(g['adapter_grads'])}",
             f"  AdamW states (fp32, 2 per param) {gib(g['optimizer'])}",
             f"  activations: layers              {gib(g['activations_layers'])}",
-            f"  activations: logits at the loss  {gib(g['activations_logits'])}",
+            f"  loss working set                 {gib(g['activations_loss'])}",
             f"  ZeRO-3 gathered params           {gib(g['gathered'])}",
             f"  reserve (context, NCCL, frag.)   {gib(g['reserve'])}",
             f"  peak per GPU                     {gib(g['peak'])}  of {self.gpu_memory_gib:g} GiB: "
@@ -357,22 +182,24 @@ def plan(
     layout: AdapterLayout | None = None,
     reserve_gib: float = 2.0,
     ds_config: str | None = None,
+    step: StepOptions | None = None,
 ) -> Plan:
     """The memory plan of one configuration. With `ds_config=None` the ZeRO-3 config is
     chosen: on several nodes ds_configs/zero3_node_local.json when it fits, else
-    ds_configs/zero3.json when it fits, else the CPU-offload one."""
+    ds_configs/zero3.json when it fits, else the CPU-offload one. `step`: the loss, adapter
+    dtype and packing options (StepOptions: the trainer's defaults when None)."""
     if ds_config is None:
         args = (model, stage, nodes, gpus_per_node, gpu_memory_gib, micro_batch, seq_len, grad_ckpt, dtype, layout, reserve_gib)
-        local = plan(*args, ZERO3_NODE_LOCAL) if nodes > 1 else None
+        local = plan(*args, ZERO3_NODE_LOCAL, step) if nodes > 1 else None
         if local is not None and local.fits:
             local.notes.insert(0, "node-local sharding: the base's all-gathers stay inside each node, only the adapter gradients cross nodes")
             return local
-        first = plan(*args, ZERO3)
+        first = plan(*args, ZERO3, step)
         if local is not None:
             first.notes.insert(0, f"does not fit with {ZERO3_NODE_LOCAL} ({local.peak_bytes / GiB:.2f} GiB): the base is gathered across nodes")
         if first.fits:
             return first
-        second = plan(*args, ZERO3_OFFLOAD)
+        second = plan(*args, ZERO3_OFFLOAD, step)
         if second.fits:
             second.notes.insert(0, f"does not fit with {ZERO3} ({first.peak_bytes / GiB:.2f} GiB): offload the base params to CPU")
             return second
@@ -394,8 +221,10 @@ def plan(
     z = _zero3_settings(ds_config)
     counts = base_counts(shape, z["persistence_threshold"])
     adapters = layout.counts(shape)
-    tokens = micro_batch * seq_len
-    act = activation_bytes(shape, layout, p, tokens, grad_ckpt)
+    step = step or StepOptions()
+    tokens = step.tokens(micro_batch, seq_len)
+    act_layers = activation_bytes(shape, layout, p, tokens, grad_ckpt, step.adapter_bytes(p))
+    act_loss = step.loss_bytes(shape, tokens, p)
 
     shard = counts["total"] * p // world
     hpz = (gpus_per_node if nodes > 1 else 1) if z["hpz"] == "auto" else int(z["hpz"])
@@ -409,14 +238,14 @@ def plan(
         "adapters": ADAPTER_BYTES * adapters["total"],
         "adapter_grads": ADAPTER_BYTES * adapters["trainable"],
         "optimizer": 2 * ADAPTER_BYTES * adapters["trainable"],
-        "activations_layers": act["layers"],
-        "activations_logits": act["logits"],
+        "activations_layers": act_layers,
+        "activations_loss": act_loss,
         "gathered": gathered,
         "reserve": int(reserve_gib * GiB),
     }
     states = sum(gpu[k] for k in ("base_shard", "base_node_shard", "persistent", "adapters", "adapter_grads", "optimizer", "reserve"))
     flat_allreduce = ADAPTER_BYTES * adapters["trainable"] if world > 1 else 0
-    gpu["peak"] = states + max(act["total"] + gathered, flat_allreduce)
+    gpu["peak"] = states + max(act_layers + act_loss + gathered, flat_allreduce)
     notes = [
         "the adapters' AdamW is a torch optimizer outside DeepSpeed: DeepSpeed's optimizer offload would move "
         "nothing, so zero3_offload.json offloads the base params only and the adapter states stay on the GPU",

@@ -202,6 +202,20 @@ def model_lm_loss_sum(model, inputs: dict[str, torch.Tensor], labels: torch.Tens
     return found["loss"]
 
 
+def loss_working_bytes(impl: str, tokens: int, vocab: int, hidden: int, head_bytes: int, chunk_tokens: int) -> dict[str, int]:
+    """What the LM loss of one micro-batch of `tokens` tokens holds at its peak, by
+    implementation (`lm_loss`): `kept` lives from the forward to the backward, `transient`
+    only while the loss is computed. `medcare-dist plan` counts exactly this.
+
+    full: the fp32 log-softmax (kept), and while the loss runs the model's logits (head
+    dtype) with their fp32 copy, then in backward the log-softmax's fp32 gradient. chunked / liger: the gradient of the hidden
+    rows ([tokens, hidden], kept), and one chunk's logits: the fp32 block plus its cast to the
+    head dtype for the gradient matmul (liger: its own chunking; counted alike)."""
+    if impl == "full":
+        return {"kept": 4 * tokens * vocab, "transient": (head_bytes + 4 + 4) * tokens * vocab}
+    return {"kept": head_bytes * tokens * hidden, "transient": (4 + head_bytes) * min(chunk_tokens, tokens) * vocab}
+
+
 def _liger_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy

@@ -38,7 +38,7 @@ from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.artefacts.manifest import adapter_digest, data_fingerprint
 from medcare_dist.artefacts.checkpoint import TrainState, checkpoint_bytes, clear_previous_run, load_checkpoint, require_room, save_checkpoint
 from medcare_dist.config import ConfigError, TrainConfig
-from medcare_dist.data.batching import collate, collate_packed, pieces_for_rank, plan_global_batches, split_global_batch
+from medcare_dist.data.batching import collate, collate_packed, pieces_for_rank, plan_global_batches, row_tokens, split_global_batch
 from medcare_dist.data.chat import IGNORE_INDEX
 from medcare_dist.errors import DataError
 from medcare_dist.dist.grad_buckets import GradientBuckets
@@ -222,7 +222,7 @@ class Trainer:
                 raise ConfigError(f"packing on: {reason}; use --packing off (or auto)")
             self.log(f"packing off: {reason}; micro-batches are padded")
             return 0
-        return cfg.pack_tokens or cfg.max_length
+        return row_tokens(cfg.max_length, cfg.pack_tokens)
 
     def _micro_batch(self, piece: list[list[int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """(model inputs, labels, token mask [tokens]: real tokens, False for padding)."""

@@ -3,6 +3,7 @@ autograd, the model-state figures against DeepSpeed's own ZeRO-3 estimator, and 
 decision on the three built-in Qwen1.5 shapes. All arithmetic or tiny models: fast, CPU."""
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,20 +12,17 @@ import torch
 
 from medcare_dist.cli import add_plan_parser
 from medcare_dist.resources import read_ds_config
-from medcare_dist.tools.planner import (
+from medcare_dist.tools.memory_model import (
     BUILTIN,
-    GiB,
-    ZERO3,
-    ZERO3_NODE_LOCAL,
-    ZERO3_OFFLOAD,
     AdapterLayout,
     ModelShape,
+    StepOptions,
     activation_bytes_per_layer_fixed,
     activation_bytes_per_token_layer,
     base_counts,
     load_shape,
-    plan,
 )
+from medcare_dist.tools.planner import GiB, ZERO3, ZERO3_NODE_LOCAL, ZERO3_OFFLOAD, plan
 
 SHAPES = list(BUILTIN.values())
 
@@ -88,19 +86,22 @@ def test_adapter_counts_equal_the_adapters_the_recipes_build():
         assert sum(p.numel() for p in s2.parameters()) == want["total"]
 
 
-def _saved_bytes(layers: int, dropout: float, routed_compute: str) -> int:
+def _saved_bytes(layers: int, dropout: float, routed_compute: str, adapter_dtype: torch.dtype,
+                 lm_loss: str = "chunked") -> int:
     """Bytes of the tensors autograd keeps in one training forward of a small bf16 Qwen2 with
-    the real stage-1 adapters attached (parameters and buffers excluded)."""
+    the real stage-1 adapters attached, their matmuls in `adapter_dtype`, through the
+    trainer's own loss (parameters and buffers excluded)."""
     from dataclasses import replace
 
     from medcare_dist.config import TrainConfig
     from medcare_dist.method.stage1 import stage1_adapters
+    from medcare_dist.training.lm_loss import model_lm_loss_sum
 
     model = small_qwen2(replace(SMALL, layers=layers), torch.bfloat16)
     adapters = stage1_adapters(model, TrainConfig(lora_dropout=dropout))
     for _, _, adapter in adapters.items("molora"):
         adapter.routed_compute = routed_compute
-    adapters.attach(model)
+    adapters.attach(model, adapter_dtype)
     model.train()
     adapters.train()
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *adapters.parameters(), *model.buffers()]}
@@ -114,23 +115,78 @@ def _saved_bytes(layers: int, dropout: float, routed_compute: str) -> int:
 
     ids = torch.randint(0, SMALL.vocab, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model_lm_loss_sum(model, {"input_ids": ids}, ids, lm_loss, chunk_tokens=32)
     loss.backward()
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("routed_compute", ["dense", "sparse"])
-@pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_activation_estimate_per_layer_matches_what_autograd_saves(dropout, routed_compute):
+ADAPTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _combinations():
+    """(dropout, routed_compute, adapter_dtype) to measure: every one for dense and sparse;
+    fused (its Triton kernels under the CPU interpreter take over a minute per model) once, in
+    the combination that exercises the most terms: weight casts, dropout copies and masks."""
+    for dropout in (0.0, 0.05):
+        for routed in ("dense", "sparse"):
+            for adapter_dtype in ADAPTER_DTYPES:
+                yield dropout, routed, adapter_dtype
+    no_triton = importlib.util.find_spec("triton") is None
+    yield pytest.param(0.05, "fused", "bf16", marks=pytest.mark.skipif(no_triton, reason="routed_compute fused needs Triton"))
+
+
+@pytest.mark.parametrize("dropout,routed_compute,adapter_dtype", list(_combinations()))
+def test_activation_estimate_per_layer_matches_what_autograd_saves(dropout, routed_compute, adapter_dtype):
     """One decoder layer's share = saved bytes with 3 layers - with 2 layers (the embedding,
-    final norm and logits cancel out). CPU's dropout keeps a float noise tensor where the GPU
-    keeps a bool mask, hence dropout_mask_bytes=4 here."""
-    measured = _saved_bytes(3, dropout, routed_compute) - _saved_bytes(2, dropout, routed_compute)
-    tokens = 2 * 64
+    final norm and loss cancel out), for each adapter matmul dtype on a bf16 base: bf16
+    adapters read the base Linear's own input, fp32 ones a cast copy per Linear. CPU's
+    dropout keeps a noise tensor where the GPU keeps a bool mask (cpu_dropout)."""
+    dtype = ADAPTER_DTYPES[adapter_dtype]
+    measured = _saved_bytes(3, dropout, routed_compute, dtype) - _saved_bytes(2, dropout, routed_compute, dtype)
     layout = AdapterLayout(stage=1, lora_dropout=dropout, routed_compute=routed_compute)
-    estimate = activation_bytes_per_token_layer(SMALL, layout, 2, dropout_mask_bytes=4) * tokens
-    estimate += activation_bytes_per_layer_fixed(SMALL, layout)
+    a = StepOptions(adapter_dtype=adapter_dtype).adapter_bytes(2)
+    estimate = activation_bytes_per_token_layer(SMALL, layout, 2, a, cpu_dropout=True) * 2 * 64
+    estimate += activation_bytes_per_layer_fixed(SMALL, layout, a)
     assert estimate == pytest.approx(measured, rel=0.02)
+
+
+def test_loss_estimate_matches_what_the_trainers_losses_keep():
+    """The same model and batch through the trainer's two losses: what the full loss keeps
+    beyond the chunked one (its [tokens, vocab] fp32 log-softmax in place of the hidden rows'
+    gradient) is the difference of loss_working_bytes's `kept` figures; and the chunked loss
+    on its own keeps exactly its figure."""
+    from medcare_dist.training.lm_loss import ChunkedLinearCrossEntropy, loss_working_bytes
+
+    labelled = 2 * 63  # every position but the last of each row predicts a label
+    kept = {impl: loss_working_bytes(impl, labelled, SMALL.vocab, SMALL.hidden, 2, 32)["kept"] for impl in ("full", "chunked")}
+    full, chunked = (_saved_bytes(2, 0.0, "dense", torch.bfloat16, impl) for impl in ("full", "chunked"))
+    assert full - chunked == pytest.approx(kept["full"] - kept["chunked"], rel=0.01)
+
+    hidden = torch.randn(labelled, SMALL.hidden, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(SMALL.vocab, SMALL.hidden, dtype=torch.bfloat16)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t, lambda t: t):
+        ChunkedLinearCrossEntropy.apply(hidden, weight, torch.randint(0, SMALL.vocab, (labelled,)), 32)
+    assert sum(saved) == kept["chunked"]
+
+
+def test_plan_counts_one_loss_chunk_for_14b_stage1_on_2x8():
+    """Issue 20's case: Qwen1.5-14B, stage 1, 2 x 8 GPUs, micro-batch 4 x 3072, checkpointing.
+    The chunked loss (the default) holds one [chunk, vocab] block and the hidden rows'
+    gradient, under 2 GiB; --lm_loss full counts the full logits (24 GiB)."""
+    kw = dict(stage=1, nodes=2, gpus_per_node=8, micro_batch=4, seq_len=3072, grad_ckpt=True, gpu_memory_gib=141)
+    chunked = plan("Qwen1.5-14B", **kw)
+    full = plan("Qwen1.5-14B", **kw, step=StepOptions(lm_loss="full"))
+    assert chunked.gpu_bytes["activations_loss"] < 2 * GiB
+    assert full.gpu_bytes["activations_loss"] == 14 * 152064 * 4 * 3072
+    assert full.peak_bytes - chunked.peak_bytes == full.gpu_bytes["activations_loss"] - chunked.gpu_bytes["activations_loss"]
+    # bf16 adapter matmuls (auto with a bf16 base) keep fewer activation bytes than fp32 ones
+    fp32 = plan("Qwen1.5-14B", **kw, step=StepOptions(adapter_dtype="fp32"))
+    assert chunked.gpu_bytes["activations_layers"] < fp32.gpu_bytes["activations_layers"]
+    # packing: rows of pack_tokens tokens
+    packed = plan("Qwen1.5-14B", **kw, step=StepOptions(packing="on", pack_tokens=4096))
+    assert packed.tokens_per_micro_batch == 4 * 4096
+    assert plan("Qwen1.5-14B", **kw, step=StepOptions(packing="off", pack_tokens=4096)).tokens_per_micro_batch == 4 * 3072
 
 
 def _ds_estimate(**kw):
@@ -192,7 +248,7 @@ def test_plan_on_builtin_shapes_is_sane_and_fit_flips_with_gpu_memory(shape):
     assert all(v >= 0 for v in g.values())
     assert g["peak"] == sum(v for k, v in g.items() if k != "peak")  # the all-reduce buffer is below activations here
     assert g["optimizer"] == 2 * g["adapter_grads"] == 2 * g["adapters"]
-    assert g["activations_logits"] == 14 * shape.vocab * 2048
+    assert g["activations_loss"] == 2 * 2048 * n + 6 * 1024 * shape.vocab  # chunked: hidden-row gradient, one chunk
     assert g["gathered"] >= 2 * shape.vocab * n  # at least the embedding / LM head, gathered
 
     # fits / does not fit flips exactly at the peak
