@@ -96,3 +96,39 @@ def test_a_model_stage1_cannot_adapt_or_a_loss_that_cannot_apply_its_logits_is_r
     line = run_stage1(monkeypatch, capsys, "--model", str(gemma2), "--output_dir", str(tmp_path / "out"), "--lm_loss", "liger")
     assert line == ("stage 1: error: lm_loss 'liger' does not apply the model config's final_logit_softcapping: "
                     "use lm_loss chunked or full")
+
+
+def test_a_deepspeed_config_that_cannot_work_is_one_line_before_data(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    stage2 = tmp_path / "zero2.json"
+    stage2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    line = run_stage1(monkeypatch, capsys, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "a"),
+                      "--ds_config", str(stage2))
+    assert line == f"stage 1: error: {stage2}: zero_optimization.stage must be 3 (the frozen base is partitioned), got 2"
+    fixed = tmp_path / "micro4.json"
+    fixed.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}))
+    line = run_stage1(monkeypatch, capsys, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "b"),
+                      "--ds_config", str(fixed))
+    assert line.startswith(f"stage 1: error: {fixed}: train_micro_batch_size_per_gpu is 4, but --micro_batch_size is 1")
+    assert "tokenis" not in capsys.readouterr().out  # refused before the data was read
+
+
+def test_a_cut_parquet_file_is_one_line_naming_it(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (SAMPLE / "stage1.jsonl").read_text().splitlines()[:40]]
+    cut = tmp_path / "cut.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), cut)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    argv = list(STAGE1)
+    argv[argv.index("--data") + 1] = str(cut)
+    monkeypatch.setattr(sys.modules[__name__], "STAGE1", argv)
+    import datasets
+
+    datasets.disable_progress_bars()  # stderr: the error line alone
+    try:
+        line = run_stage1(monkeypatch, capsys, "--model", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
+                          "--data_cache", str(tmp_path / "cache"))
+    finally:
+        datasets.enable_progress_bars()
+    assert line.startswith(f"stage 1: error: {cut}: not a readable Parquet file (after 0 records): ")

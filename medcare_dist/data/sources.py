@@ -172,14 +172,18 @@ def _json_array(path: Path) -> list:
 
 
 def _parquet_records(path: Path, batch_size: int = 1024) -> Iterator[tuple[int, None, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with _open(path) as file:
-        index = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size):
-            for record in batch.to_pylist():
-                yield index, None, record
-                index += 1
+    index = 0
+    try:
+        with _open(path) as file:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_size):
+                for record in batch.to_pylist():
+                    yield index, None, record
+                    index += 1
+    except (pa.ArrowException, OSError) as err:  # a cut or damaged file: say which, and after how many records
+        raise DataError(f"not a readable Parquet file (after {index} records): {err}", path) from None
 
 
 def _saved_records(path: Path) -> Iterator[tuple[int, None, Any]]:

@@ -70,7 +70,7 @@ def build_trainer(
     from medcare_dist.data.cache import default_cache_dir
     from medcare_dist.data.dataset import default_num_proc, load_dataset_for_training
     from medcare_dist.artefacts.hf_model import load_frozen_base, model_skeleton, resolve_dtype
-    from medcare_dist.training.zero3 import base_checksum, build_ds_config
+    from medcare_dist.training.zero3 import base_checksum, build_ds_config, check_ds_config
 
     dist_utils.check_launch(cfg)  # batch size vs the ranks the launcher started, before any rendezvous
     is_main = launch_rank() == 0
@@ -80,6 +80,7 @@ def build_trainer(
 
         datasets.disable_progress_bars()
     check_report_to(cfg.report_to)
+    check_ds_config(cfg)  # a DeepSpeed config that cannot work, found before data and process group
     out_dir = require_output_dir(cfg.output_dir)
     if is_main:  # one writer per output_dir, before anything is written; creates the dir (a one-line error if it cannot)
         RunLock.take(out_dir, log=log)
@@ -103,7 +104,7 @@ def build_trainer(
                                            **_data_writer(cfg))
 
     world = dist_utils.init_distributed(cfg.timeout_minutes)
-    ds_config = node_local.configure(build_ds_config(cfg.ds_config, cfg, world.world_size, dtype), cfg.ds_config)
+    ds_config = node_local.configure(build_ds_config(cfg, world.world_size, dtype), cfg.ds_config)
     import deepspeed
 
     model = load_frozen_base(source.path, ds_config, dtype, cfg.trust_remote_code)

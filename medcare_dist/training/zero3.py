@@ -4,8 +4,6 @@ activation checkpointing, and the checksum that shows training left the base unt
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
@@ -13,15 +11,30 @@ from medcare_dist.config import ConfigError, TrainConfig
 from medcare_dist.resources import read_ds_config, resolve_ds_config
 
 
-def build_ds_config(path: str | Path, cfg: TrainConfig, world_size: int, dtype: torch.dtype) -> dict:
-    """Read a DeepSpeed JSON config (a path or a packaged name) and fill every "auto" from the
-    training config."""
-    p = resolve_ds_config(str(path))
-    ds = read_ds_config(str(path))
-    accum = cfg.grad_accum_steps(world_size)
+def check_ds_config(cfg: TrainConfig) -> dict:
+    """cfg.ds_config read and checked against the training config, before any data or process
+    group: ZeRO stage 3 (the frozen base is partitioned), and every batch or clipping value it
+    sets itself instead of "auto" equal to the training option that decides it."""
+    path = resolve_ds_config(cfg.ds_config)
+    ds = read_ds_config(cfg.ds_config)
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage != 3:
+        raise ConfigError(f"{path}: zero_optimization.stage must be 3 (the frozen base is partitioned), got {stage}")
+    for key, option in (("train_micro_batch_size_per_gpu", "micro_batch_size"), ("train_batch_size", "global_batch_size"),
+                        ("gradient_clipping", "max_grad_norm")):
+        if ds.get(key, "auto") not in ("auto", getattr(cfg, option)):
+            raise ConfigError(f"{path}: {key} is {ds[key]}, but --{option} is {getattr(cfg, option)}: set it to \"auto\" "
+                              f"(filled from --{option}) or make them equal")
+    return ds
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config of cfg.ds_config (a path or a packaged name), checked, with every
+    "auto" filled from the training config."""
+    ds = check_ds_config(cfg)
     fill = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": accum,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
         "train_batch_size": cfg.global_batch_size,
         "gradient_clipping": cfg.max_grad_norm,
     }
@@ -32,9 +45,6 @@ def build_ds_config(path: str | Path, cfg: TrainConfig, world_size: int, dtype: 
         section = ds.setdefault(key, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = dtype == wanted
-    zero = ds.get("zero_optimization", {})
-    if zero.get("stage") != 3:
-        raise ConfigError(f"{p}: zero_optimization.stage must be 3 (the frozen base is partitioned), got {zero.get('stage')}")
     return ds
 
 
