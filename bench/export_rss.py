@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,22 +71,35 @@ DTYPE, DTYPE_NAME, BYTES = torch.bfloat16, "bfloat16", 2
 MB = 10**6
 
 
+@dataclass(frozen=True)
+class Shape:
+    """The shapes of a synthetic Qwen2 base (default: this benchmark's; bench/gpu_scale.py writes others)."""
+
+    hidden: int = HIDDEN
+    intermediate: int = INTERMEDIATE
+    heads: int = HEADS
+    kv_heads: int = KV_HEADS
+    vocab: int = VOCAB
+    max_positions: int = 4096
+
+
 # --- the synthetic stage-2 base -------------------------------------------------------------
 
 
-def layer_shapes(i: int) -> dict[str, tuple[int, ...]]:
+def layer_shapes(i: int, shape: Shape = Shape()) -> dict[str, tuple[int, ...]]:
     """Every tensor of Qwen2 decoder layer i, in Qwen2ForCausalLM's names."""
-    kv = HIDDEN // HEADS * KV_HEADS
+    h, f = shape.hidden, shape.intermediate
+    kv = h // shape.heads * shape.kv_heads
     p = f"model.layers.{i}."
     return {
-        p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.q_proj.bias": (HIDDEN,),
-        p + "self_attn.k_proj.weight": (kv, HIDDEN), p + "self_attn.k_proj.bias": (kv,),
-        p + "self_attn.v_proj.weight": (kv, HIDDEN), p + "self_attn.v_proj.bias": (kv,),
-        p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-        p + "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-        p + "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-        p + "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
-        p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
+        p + "self_attn.q_proj.weight": (h, h), p + "self_attn.q_proj.bias": (h,),
+        p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
+        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
+        p + "self_attn.o_proj.weight": (h, h),
+        p + "mlp.gate_proj.weight": (f, h),
+        p + "mlp.up_proj.weight": (f, h),
+        p + "mlp.down_proj.weight": (h, f),
+        p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
     }
 
 
@@ -105,16 +119,35 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> to
     return torch.empty(shape, dtype=DTYPE).normal_(std=0.02, generator=gen)
 
 
-def write_config(out: Path, num_layers: int, tokenizer_dir: Path) -> None:
+def write_config(out: Path, num_layers: int, tokenizer_dir: Path, shape: Shape = Shape()) -> None:
     from transformers import Qwen2Config
 
     tiny = json.loads((tokenizer_dir / "config.json").read_text())
     Qwen2Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=num_layers,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=4096,
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=num_layers,
+        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.max_positions,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, torch_dtype=DTYPE_NAME,
         bos_token_id=None, eos_token_id=tiny.get("eos_token_id"), pad_token_id=tiny.get("pad_token_id"),
     ).save_pretrained(out)
+
+
+def write_base(out: Path, shape: Shape, num_layers: int, shard_size: str, tokenizer_dir: Path,
+               gen: torch.Generator) -> None:
+    """A random-weight bf16 Qwen2 base of `shape` in `out`, written layer by layer into
+    `shard_size` safetensors shards (no model is built; at most one shard in memory), with its
+    config.json and the tokenizer files of `tokenizer_dir`."""
+    writer = ShardedWriter(out, parse_size(shard_size))
+    writer.add("model.embed_tokens.weight", random_tensor("embed", (shape.vocab, shape.hidden), gen))
+    for i in range(num_layers):
+        for name, dims in layer_shapes(i, shape).items():
+            writer.add(name, random_tensor(name, dims, gen))
+    writer.add("model.norm.weight", random_tensor("model.norm.weight", (shape.hidden,), gen))
+    writer.add("lm_head.weight", random_tensor("lm_head", (shape.vocab, shape.hidden), gen))
+    writer.close()
+    write_config(out, num_layers, tokenizer_dir, shape)
+    for name in SIDE_FILES:
+        if name not in ("config.json", "generation_config.json") and (tokenizer_dir / name).exists():
+            shutil.copy2(tokenizer_dir / name, out / name)
 
 
 def build_stage2_base(out: Path, size_bytes: int, input_shard: str, rank: int, tokenizer_dir: Path, seed: int) -> dict:
@@ -122,18 +155,7 @@ def build_stage2_base(out: Path, size_bytes: int, input_shard: str, rank: int, t
     knowledge adapter and the stage-2 manifest. Returns {"num_layers", "scale", "knowledge"}."""
     gen = torch.Generator().manual_seed(seed)
     num_layers = num_layers_for(size_bytes)
-    writer = ShardedWriter(out, parse_size(input_shard))
-    writer.add("model.embed_tokens.weight", random_tensor("embed", (VOCAB, HIDDEN), gen))
-    for i in range(num_layers):
-        for name, shape in layer_shapes(i).items():
-            writer.add(name, random_tensor(name, shape, gen))
-    writer.add("model.norm.weight", random_tensor("model.norm.weight", (HIDDEN,), gen))
-    writer.add("lm_head.weight", random_tensor("lm_head", (VOCAB, HIDDEN), gen))
-    writer.close()
-    write_config(out, num_layers, tokenizer_dir)
-    for name in SIDE_FILES:
-        if name not in ("config.json", "generation_config.json") and (tokenizer_dir / name).exists():
-            shutil.copy2(tokenizer_dir / name, out / name)
+    write_base(out, Shape(), num_layers, input_shard, tokenizer_dir, gen)
 
     targets = [f"model.layers.{i}.mlp.{proj}" for i in range(num_layers) for proj in FFN]
     knowledge = random_loras(targets, rank, gen)
