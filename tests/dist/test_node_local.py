@@ -115,9 +115,11 @@ def test_node_local_training_equals_plain_zero3_and_only_adapter_gradients_cross
             assert gathers(report, local, label, "forward", crossing=False) > 0
             assert gathers(report, local, label, "after_forward", crossing=False) > 0
         # (b) what crosses nodes: the adapter gradient all-reduce, once per pass; the loss parts
-        # and token count (float64 scalars) once per step; and, only in the first two forwards,
-        # DeepSpeed's check that every rank traced the same module order (broadcasts of a few
-        # integer ids: PartitionedParameterCoordinator.reset_step, while its trace is recorded).
+        # and token count (float64 scalars) once per step; and, while DeepSpeed records its
+        # module trace, its check that every rank traced the same order (broadcasts of a few
+        # integer ids: PartitionedParameterCoordinator.reset_step). The startup check of the
+        # model's logits runs forwards of its own, so the trace settles after a few passes; the
+        # last step must be the steady state, with none.
         crossing = [r for r in report["collectives"] if probe.cross_node(r, local)]
         grad_allreduce = [r for r in crossing if r["op"] == "all_reduce" and r["bytes"] == report["adapter_grad_bytes"]]
         assert sorted(r["label"] for r in grad_allreduce) == sorted(["gradients", *steps]), crossing
@@ -126,7 +128,7 @@ def test_node_local_training_equals_plain_zero3_and_only_adapter_gradients_cross
             if r in grad_allreduce:
                 continue
             scalars = r["op"] == "all_reduce" and r["label"] in steps and r["bytes"] <= 8 * 4 and r["calls"] == 1
-            trace_check = r["op"] == "broadcast" and r["label"] in ("gradients", "step1") and r["phase"] == "forward" and r["bytes"] <= 4096
+            trace_check = r["op"] == "broadcast" and r["label"] != steps[-1] and r["phase"] == "forward" and r["bytes"] <= 4096
             assert scalars or trace_check, f"rank {report['rank']}: unexpected collective across nodes {r}"
 
     # The counter does see the base crossing nodes under plain ZeRO-3, in forward and backward.

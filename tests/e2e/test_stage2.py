@@ -137,8 +137,9 @@ def test_frozen_base_stays_partitioned_after_every_step(probe):
         peak_during_steps = report["peak_rss_anon_during_steps"] - report["rss_anon_before_steps"]
         print(f"rank {report['rank']}: model {model_bytes / 2**20:.0f} MiB, after setup +{shard_and_overhead / 2**20:.0f} MiB, "
               f"peak during steps +{peak_during_steps / 2**20:.0f} MiB")
-        # Its own half of the base plus the adapters and the runtime: well under the whole base.
-        assert shard_and_overhead < 0.8 * model_bytes
+        # Its own half of the base plus the adapters and the runtime (about 0.5 x model_bytes +
+        # 80 MiB here): under one whole copy, which would come on top of the same runtime.
+        assert shard_and_overhead < model_bytes
         # Activations (micro-batch 1 x 64 tokens keeps them small) plus the layers gathered at a
         # time; one full gather of the base alone would be 1.0 x model_bytes.
         assert peak_during_steps < 0.5 * model_bytes

@@ -16,8 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-import datasets  # noqa: F401  imported before the baseline memory reading (pyarrow: ~40 MB)
-import deepspeed  # noqa: F401  likewise
+# Libraries the run imports later, imported before the baseline memory reading so that it
+# counts the model and its buffers, not code (pyarrow alone is ~40 MB).
+import datasets  # noqa: F401
+import deepspeed  # noqa: F401
+import pyarrow.compute  # noqa: F401
+import tqdm  # noqa: F401
+import transformers  # noqa: F401
+from transformers import AutoTokenizer  # noqa: F401
 import torch
 import torch.distributed
 import transformers.models.qwen2.modeling_qwen2  # noqa: F401
