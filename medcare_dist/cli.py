@@ -16,17 +16,20 @@ def _tiny_model(args) -> None:
 def _preprocess(args) -> None:
     from transformers import AutoTokenizer
 
+    from medcare_dist.artefacts.hub import resolve_dataset
     from medcare_dist.data.cache import default_cache_dir
     from medcare_dist.data.dataset import default_num_proc, load_dataset_for_training, preprocess
+    from medcare_dist.data.sources import resolve_sources
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
     num_proc = args.num_proc or default_num_proc()
+    sources = resolve_sources(args.data, fetch_dataset=resolve_dataset)
     if args.out:
-        preprocess(args.data, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc, args.control_tokens,
+        preprocess(sources, tokenizer, args.max_length, args.out, args.on_bad_record, num_proc, args.control_tokens,
                    args.seed, thinking=args.thinking)
         print(f"wrote tokenised dataset to {args.out}")
     else:  # fill the cache that training runs with the same inputs and options will find
-        load_dataset_for_training(args.data, tokenizer, args.max_length, args.on_bad_record, num_proc, args.control_tokens,
+        load_dataset_for_training(sources, tokenizer, args.max_length, args.on_bad_record, num_proc, args.control_tokens,
                                   seed=args.seed, cache_dir=args.data_cache or default_cache_dir(), thinking=args.thinking)
 
 

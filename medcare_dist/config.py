@@ -47,8 +47,8 @@ class TrainConfig:
     # what to train
     stage: int = option(1, "1: knowledge aggregation, 2: clinical alignment (set by the launcher)", "run", choices=(1, 2), plan=True)
     model: str = option("", "stage 1: HF model dir or hub name; stage 2: the prepared stage-2 base dir", "run", runtime=True)
-    data: list[str] = option([], "data files, dirs or globs of shards, save_to_disk dirs (`a.jsonl#N`: N records of it), "
-                             "or one `medcare-dist preprocess` dir", "run", runtime=True)
+    data: list[str] = option([], "data files, dirs or globs of shards, save_to_disk dirs, hub datasets (`org/name[@REV][:CONFIG]`; "
+                             "`a.jsonl#N`: N records of it), or one `medcare-dist preprocess` dir", "run", runtime=True)
     output_dir: str = option("runs/out", "where checkpoints and metrics.jsonl go", "run", runtime=True)
     max_length: int = option(1024, "tokens per record; longer records are cut", "data", plan=True, check=(lambda v: v >= 2, ">= 2"))
     on_bad_record: str = option("error", "a malformed record stops the run (error) or is skipped and counted (skip)", "data",

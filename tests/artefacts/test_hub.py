@@ -9,7 +9,7 @@ import pytest
 
 from medcare_dist.artefacts import hub
 from medcare_dist.artefacts.hub import ModelSource, locate, resolve_model
-from medcare_dist.errors import ModelSourceError
+from medcare_dist.errors import SourceError
 
 from helpers import layout_hub_cache
 
@@ -46,20 +46,20 @@ def test_locate_falls_back_to_the_recorded_commit_when_the_path_is_gone(offline_
     _, revision = offline_cache
     record = {"name": "org/name", "path": "/nonexistent/snapshot", "repo_id": "org/name", "revision": revision}
     assert locate(record).name == revision
-    with pytest.raises(ModelSourceError, match="no longer exists"):
+    with pytest.raises(SourceError, match="no longer exists"):
         locate({"name": "runs/base", "path": "/nonexistent/base"})
 
 
 def test_bad_names_are_one_line_errors(offline_cache, tmp_path):
-    with pytest.raises(ModelSourceError, match=r"org/missing: not in the Hugging Face cache .*`hf download org/missing`"):
+    with pytest.raises(SourceError, match=r"org/missing: not in the Hugging Face cache .*`hf download org/missing`"):
         resolve_model("org/missing")
     commit = "f" * 40  # a recorded commit that is not in the cache: the advice fetches that commit, not main
-    with pytest.raises(ModelSourceError, match=rf"`hf download org/missing --revision {commit}`\) or give a local"):
+    with pytest.raises(SourceError, match=rf"`hf download org/missing --revision {commit}`\) or give a local"):
         resolve_model(f"org/missing@{commit}")
-    with pytest.raises(ModelSourceError, match="model directory not found: ./no/such"):
+    with pytest.raises(SourceError, match="model directory not found: ./no/such"):
         resolve_model("./no/such")
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ModelSourceError, match="is a file, not a model directory"):
+    with pytest.raises(SourceError, match="is a file, not a model directory"):
         resolve_model(str(tmp_path / "weights.bin"))
 
 
@@ -83,10 +83,10 @@ def test_other_local_ranks_wait_for_local_rank_0_and_share_its_outcome(offline_c
     assert calls == [False, True]  # the leader may download; the waiter reads the cache only
 
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(ModelSourceError):
+    with pytest.raises(SourceError):
         resolve_model("org/missing")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(ModelSourceError, match="org/missing: not in the Hugging Face cache"):
+    with pytest.raises(SourceError, match="org/missing: not in the Hugging Face cache"):
         resolve_model("org/missing", wait_timeout_s=5)
     marker = hub._marker("org/missing", None)
     assert json.loads(marker.read_text())["error"].startswith("model org/missing")

@@ -101,7 +101,13 @@ def test_gzip_shard_dirs_globs_and_saved_datasets_read_the_same_records(tmp_path
     saved = tmp_path / "saved"
     datasets.Dataset.from_list([{"messages": json.dumps(r)} for r in records]).save_to_disk(str(saved))
 
-    for spec in (tmp_path / "all.jsonl.gz", tmp_path / "all.json.gz", shards, str(shards / "part-*")):
+    zstandard = pytest.importorskip("zstandard", reason="the zstd extra (tests/run.sh installs it)")
+    (tmp_path / "all.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps(r) + "\n" for r in records).encode()))
+    (tmp_path / "all.json.zst").write_bytes(zstandard.ZstdCompressor().compress(json.dumps(records).encode()))
+
+    for spec in (tmp_path / "all.jsonl.gz", tmp_path / "all.json.gz", tmp_path / "all.jsonl.zst", tmp_path / "all.json.zst",
+                 shards, str(shards / "part-*")):
         assert build_dataset(spec, tokenizer, 512)[0].to_dict() == reference, spec
 
     openai_saved = tmp_path / "saved_openai"
@@ -176,3 +182,16 @@ def test_a_template_that_trims_replies_trains_them_as_rendered_and_counts_them(t
     dataset, stats = build_dataset(write_jsonl(tmp_path / "trim.jsonl", records), trimming, 512)
     assert [decoded(trimming, row)[0] for row in dataset] == [[reply(ANSWER)], [reply(ANSWER)]]
     assert stats.whitespace_adjusted == 1 and "1 records with replies the chat template trims" in stats.summary(512)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".json.gz", ".jsonl.zst"])
+def test_a_cut_compressed_file_is_one_error_naming_it(tmp_path, tokenizer, suffix):
+    text = "".join(json.dumps(SHAPES["openai"]) + "\n" for _ in range(200))
+    if suffix.endswith(".gz"):
+        whole = gzip.compress((json.dumps([SHAPES["openai"]] * 200) if suffix == ".json.gz" else text).encode())
+    else:
+        whole = pytest.importorskip("zstandard").ZstdCompressor().compress(text.encode())
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=rf"^{path}: a damaged or cut (zstd )?file \((after line \d+|while reading)\)"):
+        build_dataset(path, tokenizer, 512)
