@@ -132,6 +132,50 @@ def _preflight(timeout_s: float) -> None:
         return
     connect_timeout = float(os.environ.get("MEDCARE_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_S))
     _check_master_reachable(addr, int(port), rank, wait_refused_s=timeout_s, connect_timeout_s=connect_timeout)
+    _announce_arrival(rank)
+
+
+# The rendezvous store counts the ranks that joined but does not say which: each non-zero rank
+# leaves its own key in rank 0's store (a side client that does not take part in the count), so
+# that the notes while joining can name the ranks that never arrived.
+def _arrival_key(rank: int) -> str:
+    return f"medcare_dist/arrived/{rank}"
+
+
+def _store_client() -> "dist.TCPStore | None":
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+    except Exception:  # only a note depends on it: never fail or delay the join over it
+        return None
+
+
+def _announce_arrival(rank: int) -> None:
+    store = _store_client()
+    if store is not None:
+        try:
+            store.set(_arrival_key(rank), socket.gethostname())
+        except Exception:
+            pass
+
+
+def _not_arrived(store: "dist.TCPStore", world_size: int) -> list[int] | None:
+    """Ranks other than 0 with no arrival key (None when the store cannot be asked)."""
+    try:
+        return [r for r in range(1, world_size) if not store.check([_arrival_key(r)])]
+    except Exception:
+        return None
+
+
+def _rank_ranges(ranks: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,14 +246,23 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
 
 def _note_while_joining(joined: threading.Event, timeout_s: float) -> None:
     """The rendezvous itself says nothing until its timeout (30 minutes by default): say every
-    MEDCARE_JOIN_NOTE_S seconds (default 60) that this rank still waits, and for what."""
+    MEDCARE_JOIN_NOTE_S seconds (default 60) that this rank still waits, for what, and which
+    ranks have not arrived."""
     every_s = float(os.environ.get("MEDCARE_JOIN_NOTE_S", 60))
-    start = time.monotonic()
+    start, store = time.monotonic(), None
+    world_size = int(os.environ["WORLD_SIZE"])
     while not joined.wait(every_s):
+        store = store or _store_client()
+        missing = _not_arrived(store, world_size) if store is not None else None
+        if missing:
+            who = f"ranks not yet arrived: {_rank_ranges(missing)} (their nodes' launchers did not start them, or they failed before joining: see their logs)"
+        elif missing == []:
+            who = "every rank has arrived; the rendezvous is completing"
+        else:
+            who = "a rank that failed says why in its own log; a node whose launcher never started shows nothing"
         print(f"[medcare_dist] rank {os.environ['RANK']} on host {socket.gethostname()}: still waiting for all "
-              f"{os.environ['WORLD_SIZE']} ranks to join at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
-              f"({time.monotonic() - start:.0f} s of the {timeout_s:.0f} s timeout): a rank that failed says why in its own "
-              "log; a node whose launcher never started shows nothing", file=sys.stderr, flush=True)
+              f"{world_size} ranks to join at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+              f"({time.monotonic() - start:.0f} s of the {timeout_s:.0f} s timeout): {who}", file=sys.stderr, flush=True)
 
 
 def shutdown() -> None:

@@ -491,16 +491,22 @@ def test_an_artefact_of_an_earlier_version_is_checked_by_its_own_fingerprint_sch
         check_base(manifest, ckpt)
 
 
-def test_rank_0_waiting_for_a_rank_that_never_starts_says_so_until_the_timeout(tiny_model_dir, tmp_path):
-    """Rank 0 of a world of 2 whose rank 1 never starts: a note at every interval, then one
-    line at the collective timeout (not 30 silent minutes)."""
-    env = {**ENV, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "MEDCARE_JOIN_NOTE_S": "2"}
+def test_ranks_waiting_for_a_rank_that_never_starts_name_it_until_the_timeout(tiny_model_dir, tmp_path):
+    """Ranks 0 and 1 of a world of 3 whose rank 2 never starts: each notes at every interval
+    that rank 2 has not arrived (rank 1, which did, is not named), then one line at the
+    collective timeout (not 30 silent minutes)."""
+    port = str(free_port())
     cmd = [sys.executable, "launch/stage1.py", "--model", str(tiny_model_dir), "--data", str(SAMPLE / "stage1.jsonl"),
-           "--output_dir", str(tmp_path / "out"), "--num_experts", "4", "--lora_r", "4", "--timeout_minutes", "0.15"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    notes = re.findall(rf"rank 0 on host {socket.gethostname()}: still waiting for all 2 ranks to join at 127.0.0.1:\d+ "
-                       r"\((\d+) s of the 9 s timeout\)", proc.stderr)
-    assert len(notes) >= 2 and notes[:2] == ["2", "4"], proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("stage 1: error: rank 0 of 2 on host"), proc.stderr[-3000:]
+           "--output_dir", str(tmp_path / "out"), "--num_experts", "4", "--lora_r", "4", "--timeout_minutes", "0.15",
+           "--global_batch_size", "3", "--micro_batch_size", "1"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "RANK": str(rank), "WORLD_SIZE": "3", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port, "MEDCARE_JOIN_NOTE_S": "2"})
+             for rank in (0, 1)]
+    for rank, proc in enumerate(procs):
+        _, stderr = proc.communicate(timeout=180)
+        assert proc.returncode == 2, stderr[-3000:]
+        notes = re.findall(rf"rank {rank} on host {socket.gethostname()}: still waiting for all 3 ranks to join at 127.0.0.1:\d+ "
+                           r"\((\d+) s of the 9 s timeout\): ranks not yet arrived: (\S+) ", stderr)
+        assert len(notes) >= 2 and all(missing == "2" for _, missing in notes), stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith(f"stage 1: error: rank {rank} of 3 on host"), stderr[-3000:]
