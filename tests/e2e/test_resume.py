@@ -5,6 +5,7 @@ The runs train on 29 records with a global batch of 8: every epoch ends with a s
 5, and 12 steps cross two epoch ends, so the world-size claim is tested where it is hardest
 (pieces that do not split evenly over the ranks; a rank with no piece in some steps)."""
 
+import contextlib
 import json
 import os
 import random
@@ -189,10 +190,29 @@ def session_processes(leader: int) -> list:
     return found
 
 
-def start_run(cmd, log_path):
+@contextlib.contextmanager
+def running(cmd, log_path):
+    """The launcher started in a session of its own; whatever of that session is still alive
+    when the block ends is killed."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        for p in session_processes(proc.pid):
+            p.kill()
+
+
+def stop(proc, sig, whole_group: bool = True) -> list[str]:
+    """`sig` to the run's process group (or to the runner alone); wait for the runner, then up
+    to 30 s for the rest of its session. The command lines of what is still running."""
+    (os.killpg if whole_group else os.kill)(proc.pid, sig)
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    return [" ".join(p.cmdline()[:4]) for p in session_processes(proc.pid)]
 
 
 def assert_same_final_adapters(want_dir, got_dir, what):
@@ -216,17 +236,9 @@ def test_sigterm_to_the_process_group_saves_the_step_reached_and_resume_auto_is_
     """What SLURM does at preemption and at the time limit: SIGTERM to every process of the
     job (the deepspeed runner forwards it to the ranks again: one request, not two)."""
     out = tmp_path / "preempted"
-    proc = start_run(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port()), tmp_path / "preempted.log")
-    try:
+    with running(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port()), tmp_path / "preempted.log") as proc:
         wait_for_step(out / "metrics.jsonl", 5, proc, time.time() + 300)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-        deadline = time.time() + 30
-        while session_processes(proc.pid) and time.time() < deadline:
-            time.sleep(0.5)
-    finally:
-        for p in session_processes(proc.pid):
-            p.kill()
+        stop(proc, signal.SIGTERM)
     log = (tmp_path / "preempted.log").read_text()
     step = stopped_step(out, log)
     assert 5 <= step < STEPS, log[-3000:]
@@ -244,18 +256,9 @@ def test_sigterm_to_the_runner_alone_leaves_no_rank_running(tiny_model_dir, unev
     out = tmp_path / "orphaned"
     cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port())
     cmd[cmd.index("--max_steps") + 1] = "500"
-    proc = start_run(cmd, tmp_path / "orphaned.log")
-    try:
+    with running(cmd, tmp_path / "orphaned.log") as proc:
         wait_for_step(out / "metrics.jsonl", 3, proc, time.time() + 300)
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        deadline = time.time() + 30
-        while session_processes(proc.pid) and time.time() < deadline:
-            time.sleep(0.5)
-        left = [" ".join(p.cmdline()[:4]) for p in session_processes(proc.pid)]
-    finally:
-        for p in session_processes(proc.pid):
-            p.kill()
+        left = stop(proc, signal.SIGTERM, whole_group=False)
     assert not left, f"still running 30 s after the runner's SIGTERM: {left}"
     log = (tmp_path / "orphaned.log").read_text()
     step = stopped_step(out, log)
@@ -271,8 +274,7 @@ def test_a_second_run_into_a_running_dir_is_refused_naming_the_first(uninterrupt
     out = tmp_path / "shared"
     cmd = stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port())
     cmd[cmd.index("--max_steps") + 1] = "400"  # still running when the second run is refused, then stopped by SIGTERM
-    first = start_run(cmd, tmp_path / "first.log")
-    try:
+    with running(cmd, tmp_path / "first.log") as first:
         wait_for_step(out / "metrics.jsonl", 2, first, time.time() + 300)
         holder = json.loads((out / ".medcare.lock").read_text())
         named = f"output_dir {out} is in use by another run (pid {holder['pid']} on host {holder['host']}, started "
@@ -281,14 +283,7 @@ def test_a_second_run_into_a_running_dir_is_refused_naming_the_first(uninterrupt
                                     text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
             assert second.returncode != 0 and named in second.stdout + second.stderr, (label, (second.stdout + second.stderr)[-3000:])
             assert first.poll() is None, "the first run ended before the second was refused"
-        os.killpg(first.pid, signal.SIGTERM)
-        first.wait(timeout=60)
-        deadline = time.time() + 30
-        while session_processes(first.pid) and time.time() < deadline:
-            time.sleep(0.5)
-    finally:
-        for p in session_processes(first.pid):
-            p.kill()
+        stop(first, signal.SIGTERM)
     step = stopped_step(out, (tmp_path / "first.log").read_text())  # the first run's checkpoints and metrics are its own
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 1))
     assert not (out / ".medcare.lock").exists()
