@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from medcare_dist.errors import DataError, InputNotFoundError, location
+from medcare_dist.errors import DataError, InputNotFoundError, SourceError, location
 from medcare_dist.files import DIGEST_CACHE, file_sha256
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -111,7 +111,11 @@ def _expand(path: str, fetch_dataset: FetchDataset | None = None) -> list[Path]:
     if not p.exists():
         if fetch_dataset is not None and is_dataset_id(path):
             name, _, config = path.partition(":")
-            return hf_dataset_files(fetch_dataset(name), config or None, path)
+            try:
+                directory = fetch_dataset(name)
+            except SourceError as err:  # a mistyped local path reads as a hub id too: say both
+                raise SourceError(f"data {path}: no such local path, and as a Hugging Face {err}") from None
+            return hf_dataset_files(directory, config or None, path)
         raise InputNotFoundError(f"data file not found: {p}")
     if not p.is_dir() or is_saved_dataset(p):
         return [p]

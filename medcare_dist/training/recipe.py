@@ -87,6 +87,8 @@ def build_trainer(
         RunLock.take(out_dir, log=log)
     check_output_dir(out_dir, cfg.resume, cfg.overwrite)  # a fresh run never writes over another's checkpoints
     manifest_extra = check_inputs(cfg) if check_inputs else {}
+    # Data files found (a typo named) before a hub model is fetched; hub datasets fetched once per node.
+    sources = resolve_sources(cfg.data, fetch_dataset=lambda name: resolve_dataset(name, log=log))
     source = resolve_model(cfg.model, log=log)  # a hub model: fetched once per node, then local
     check_model_dir(Path(source.path))
     skeleton = model_skeleton(source.path, cfg.trust_remote_code)  # what the model is, before any process group
@@ -99,7 +101,6 @@ def build_trainer(
         raise ConfigError("dtype fp16 needs a CUDA GPU: DeepSpeed does not run fp16 on the CPU accelerator; use bf16 or fp32")
     tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=cfg.trust_remote_code)
     pad_id = pad_token_id(tokenizer)
-    sources = resolve_sources(cfg.data, fetch_dataset=lambda name: resolve_dataset(name, log=log))  # hub datasets: fetched once per node
     dataset, _ = load_dataset_for_training(sources, tokenizer, cfg.max_length, cfg.on_bad_record,
                                            cfg.num_proc or default_num_proc(), cfg.control_tokens, log=log, seed=cfg.seed,
                                            cache_dir=cfg.data_cache or default_cache_dir(), thinking=cfg.thinking,

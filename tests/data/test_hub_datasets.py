@@ -96,7 +96,8 @@ def test_ambiguous_or_unknown_choices_are_one_line_errors(offline_hub):
         files_of("org/bilingual:fr")
     with pytest.raises(DataError, match="declares no configs, so there is no 'en' to choose"):
         files_of("org/med:en")
-    with pytest.raises(SourceError, match=r"dataset org/missing: not in the Hugging Face cache .*"
+    with pytest.raises(SourceError, match=r"^data org/missing: no such local path, and as a Hugging Face dataset org/missing: "
+                                          r"not in the Hugging Face cache .*"
                                           r"`hf download org/missing --repo-type dataset`"):
         files_of("org/missing")
     # A path with a data-file suffix is never taken for a hub id: a typo reads "not found".
