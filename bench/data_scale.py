@@ -8,7 +8,8 @@ tokens each with the tiny tokenizer), then runs `deepspeed --num_gpus 2 launch/s
 cache), warm (the same inputs again: a resume), and with today's code replaced by git
 revision `--old` (the path before the cache: every rank reads and tokenises everything).
 For each run: seconds to the data summary line, to the first step (metrics.jsonl written),
-and each rank's peak RSS (polled every 0.2 s); and whether rank 1 waited and loaded.
+and each rank's peak RSS and peak anonymous RSS (polled every 0.2 s; RSS also counts touched
+pages of memory-mapped Arrow files, which are page cache); and whether rank 1 waited and loaded.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def run(repo: Path, model: str, data: Path, cache: Path, port: int, extra: list[
                 try:
                     rank = next((a.split("=")[1] for a in child.cmdline() if a.startswith("--local_rank=")), None)
                     if rank is not None:
-                        peaks[rank] = max(peaks.get(rank, 0), child.memory_info().rss)
+                        rss, anon = peaks.get(rank, (0, 0))
+                        peaks[rank] = (max(rss, child.memory_info().rss), max(anon, anonymous_bytes(child.pid)))
                 except psutil.Error:
                     pass
             if first_step is None and metrics.exists() and metrics.stat().st_size:
@@ -79,8 +81,22 @@ def run(repo: Path, model: str, data: Path, cache: Path, port: int, extra: list[
             raise SystemExit(f"run failed ({proc.returncode}):\n" + "\n".join(l for _, l in lines[-30:]))
     summary = next((t for t, l in lines if "data: " in l and " records (" in l), None)
     data_lines = [l.rsplit("\r", 1)[-1] for _, l in lines if "data: " in l]  # progress bars share the lines
-    return {"to_data_s": summary, "to_first_step_s": first_step, "peak_rss_mb": {r: v / 2**20 for r, v in sorted(peaks.items())},
+    return {"to_data_s": summary, "to_first_step_s": first_step,
+            "peak_rss_mb": {r: rss / 2**20 for r, (rss, _) in sorted(peaks.items())},
+            "peak_anon_mb": {r: anon / 2**20 for r, (_, anon) in sorted(peaks.items())},
             "data_lines": data_lines}
+
+
+def anonymous_bytes(pid: int) -> int:
+    """RssAnon: the resident memory no file backs. RSS also counts the pages of memory-mapped
+    Arrow files a process has touched, which the kernel reclaims under pressure."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def old_checkout(rev: str, into: Path) -> Path:
@@ -114,7 +130,8 @@ def main() -> None:
             runs["old path"] = (old_checkout(args.old, tmp), corpus, tmp / "cache-old")
         for i, (name, (repo, data, cache)) in enumerate(runs.items()):
             result = run(repo, args.model, data, cache, args.port + i, extra)
-            rss = ", ".join(f"rank {r} {v:.0f} MB" for r, v in result["peak_rss_mb"].items())
+            rss = ", ".join(f"rank {r} {v:.0f} MB (anonymous {result['peak_anon_mb'][r]:.0f} MB)"
+                            for r, v in result["peak_rss_mb"].items())
             print(f"{name}: data summary at {result['to_data_s']:.1f} s, first step at {result['to_first_step_s']:.1f} s; "
                   f"peak RSS {rss}")
             for line in result["data_lines"]:

@@ -5,10 +5,12 @@ Fixtures live in conftest.py; everything else a test file needs from another is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,3 +182,57 @@ def write_family_model(out: Path, family: str, tokenizer_dir: Path | None = None
             if path.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
                 shutil.copy(path, out / path.name)
     return out
+
+
+# ---------------------------------------------------------------- runs stopped mid-way
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, deadline: float) -> None:
+    """Until metrics.jsonl logs `step` (an AssertionError if the run ends first or `deadline` passes)."""
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (status {proc.returncode}) before step {step}")
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in time")
+
+
+def session_processes(leader: int) -> list:
+    """The live processes of the session that `leader` started (start_new_session=True)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def running(cmd, log_path, **env):
+    """The launcher started from the repo root in a session of its own (extra environment
+    `env`); whatever of that session is still alive when the block ends is killed."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        for p in session_processes(proc.pid):
+            p.kill()
+
+
+def stop(proc, sig, whole_group: bool = True) -> list[str]:
+    """`sig` to the run's process group (or to the runner alone); wait for the runner, then up
+    to 30 s for the rest of its session. The command lines of what is still running."""
+    (os.killpg if whole_group else os.kill)(proc.pid, sig)
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.5)
+    return [" ".join(p.cmdline()[:4]) for p in session_processes(proc.pid)]

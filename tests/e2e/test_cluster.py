@@ -27,7 +27,7 @@ import psutil
 import pytest
 import torch
 
-from helpers import REPO, SAMPLE, free_port
+from helpers import REPO, SAMPLE, free_port, running, stop, wait_for_step
 
 TIMEOUT_MINUTES = 1.0  # the collective timeout the kill tests run under
 MARGIN_S = 30  # what "within the timeout" may add for process teardown
@@ -197,6 +197,25 @@ def test_mpirun_trains_and_exits_cleanly(tiny_model_dir, tmp_path):
     assert "world of 2 rank(s)" in text
     assert "MPI_ABORT" not in text and "exited on signal" not in text  # the group was left cleanly
     check_checkpoint(out)
+
+
+@distributed
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_ranks_whose_launcher_is_killed_outright_save_and_end(launcher, tiny_model_dir, tmp_path):
+    """SIGKILL to torchrun or mpirun, which then forwards nothing: each rank sees its launcher
+    gone, saves the step reached, and exits; nothing of the run is left 30 s later."""
+    out, log = tmp_path / "out", tmp_path / f"{launcher}.log"
+    start_ranks = (["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())] if launcher == "torchrun"
+                   else mpirun_cmd(2) + [sys.executable])
+    with running([*start_ranks, "launch/stage1.py", *train_args(out, tiny_model_dir, steps=500)], log,
+                 TOKENIZERS_PARALLELISM="false") as proc:
+        wait_for_step(out / "metrics.jsonl", 2, proc, time.time() + 300)
+        left = stop(proc, signal.SIGKILL, whole_group=False)
+    assert not left, f"still running 30 s after {launcher} was killed: {left}"
+    text = log.read_text(errors="replace")
+    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (out / "latest").read_text().strip() == f"checkpoint-{step}", text[-3000:]
+    assert f"stopped at step {step}/500 (launcher process {proc.pid} exited)" in text, text[-3000:]
 
 
 @distributed

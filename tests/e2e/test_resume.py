@@ -5,7 +5,6 @@ The runs train on 29 records with a global batch of 8: every epoch ends with a s
 5, and 12 steps cross two epoch ends, so the world-size claim is tested where it is hardest
 (pieces that do not split evenly over the ranks; a rank with no piece in some steps)."""
 
-import contextlib
 import json
 import os
 import random
@@ -18,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, SAMPLE, free_port, run_launcher
+from helpers import REPO, SAMPLE, free_port, run_launcher, running, stop, wait_for_step
 from medcare_dist.artefacts import checkpoint as ckpt_mod
 from medcare_dist.artefacts.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
 
@@ -50,18 +49,6 @@ def uninterrupted(tiny_model_dir, uneven_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     run_launcher(stage1_cmd(tiny_model_dir, uneven_data, out, 2, free_port()), out.parent / "uninterrupted.log")
     return out
-
-
-def wait_for_step(metrics, step, proc, deadline):
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (status {proc.returncode}) before step {step}")
-        if metrics.exists():
-            lines = metrics.read_text().splitlines()
-            if lines and json.loads(lines[-1])["step"] >= step:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in time")
 
 
 @pytest.mark.distributed
@@ -174,45 +161,6 @@ def test_resume_from_an_older_step_with_a_changed_lr_keeps_the_newest_saves_and_
     assert (out / "latest").read_text().strip() == "checkpoint-14"
     replaced = load_file(str(out / "checkpoint-12" / "adapters.safetensors"))
     assert any(not torch.equal(replaced[n], t) for n, t in final_adapters(uninterrupted).items())
-
-
-def session_processes(leader: int) -> list:
-    """The live processes of the session that `leader` started (start_new_session=True)."""
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == leader and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            continue
-    return found
-
-
-@contextlib.contextmanager
-def running(cmd, log_path):
-    """The launcher started in a session of its own; whatever of that session is still alive
-    when the block ends is killed."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        for p in session_processes(proc.pid):
-            p.kill()
-
-
-def stop(proc, sig, whole_group: bool = True) -> list[str]:
-    """`sig` to the run's process group (or to the runner alone); wait for the runner, then up
-    to 30 s for the rest of its session. The command lines of what is still running."""
-    (os.killpg if whole_group else os.kill)(proc.pid, sig)
-    proc.wait(timeout=60)
-    deadline = time.time() + 30
-    while session_processes(proc.pid) and time.time() < deadline:
-        time.sleep(0.5)
-    return [" ".join(p.cmdline()[:4]) for p in session_processes(proc.pid)]
 
 
 def assert_same_final_adapters(want_dir, got_dir, what):
