@@ -213,26 +213,52 @@ def session_processes(leader: int) -> list:
     return found
 
 
+def _descendants(proc: subprocess.Popen) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _alive(processes) -> list:
+    import psutil
+
+    found = []
+    for p in processes:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
 @contextlib.contextmanager
 def running(cmd, log_path, **env):
     """The launcher started from the repo root in a session of its own (extra environment
-    `env`); whatever of that session is still alive when the block ends is killed."""
+    `env`); whatever of the run is still alive when the block ends is killed: its session, and
+    the launcher's descendants (torchrun starts each rank in a session of its own)."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc.descendants = []  # filled by stop(): the launcher's processes seen before it was signalled
     try:
         yield proc
     finally:
-        for p in session_processes(proc.pid):
+        for p in _alive(session_processes(proc.pid) + _descendants(proc) + proc.descendants):
             p.kill()
 
 
 def stop(proc, sig, whole_group: bool = True) -> list[str]:
-    """`sig` to the run's process group (or to the runner alone); wait for the runner, then up
-    to 30 s for the rest of its session. The command lines of what is still running."""
+    """`sig` to the run's process group (or to the launcher alone); wait for the launcher,
+    then up to 30 s for the rest of the run (its session and the launcher's descendants). The
+    command lines of what is still running."""
+    proc.descendants = _descendants(proc)
     (os.killpg if whole_group else os.kill)(proc.pid, sig)
     proc.wait(timeout=60)
     deadline = time.time() + 30
-    while session_processes(proc.pid) and time.time() < deadline:
+    while _alive(session_processes(proc.pid) + proc.descendants) and time.time() < deadline:
         time.sleep(0.5)
-    return [" ".join(p.cmdline()[:4]) for p in session_processes(proc.pid)]
+    return [" ".join(p.cmdline()[:4]) for p in _alive(session_processes(proc.pid) + proc.descendants)]

@@ -201,9 +201,11 @@ def test_mpirun_trains_and_exits_cleanly(tiny_model_dir, tmp_path):
 
 @distributed
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
-def test_ranks_whose_launcher_is_killed_outright_save_and_end(launcher, tiny_model_dir, tmp_path):
-    """SIGKILL to torchrun or mpirun, which then forwards nothing: each rank sees its launcher
-    gone, saves the step reached, and exits; nothing of the run is left 30 s later."""
+def test_ranks_whose_launcher_is_killed_outright_end(launcher, tiny_model_dir, tmp_path):
+    """SIGKILL to torchrun or mpirun, which then forwards nothing: nothing of the run is left
+    30 s later. Under torchrun each rank sees its launcher gone, saves the step reached and
+    exits; under mpirun, Open MPI ends the ranks itself when mpirun dies (they cannot save:
+    the last checkpoint stands, here none)."""
     out, log = tmp_path / "out", tmp_path / f"{launcher}.log"
     start_ranks = (["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())] if launcher == "torchrun"
                    else mpirun_cmd(2) + [sys.executable])
@@ -212,10 +214,11 @@ def test_ranks_whose_launcher_is_killed_outright_save_and_end(launcher, tiny_mod
         wait_for_step(out / "metrics.jsonl", 2, proc, time.time() + 300)
         left = stop(proc, signal.SIGKILL, whole_group=False)
     assert not left, f"still running 30 s after {launcher} was killed: {left}"
-    text = log.read_text(errors="replace")
-    step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
-    assert (out / "latest").read_text().strip() == f"checkpoint-{step}", text[-3000:]
-    assert f"stopped at step {step}/500 (launcher process {proc.pid} exited)" in text, text[-3000:]
+    if launcher == "torchrun":
+        text = log.read_text(errors="replace")
+        step = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+        assert (out / "latest").read_text().strip() == f"checkpoint-{step}", text[-3000:]
+        assert f"stopped at step {step}/500 (launcher process {proc.pid} exited)" in text, text[-3000:]
 
 
 @distributed
