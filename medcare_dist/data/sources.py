@@ -129,7 +129,7 @@ def hf_dataset_files(directory: Path, config: str | None, spec: str) -> list[Pat
     """The train-split files of one config of a Hugging Face dataset repository (a snapshot
     or a clone), as `datasets` resolves them: the card's `configs` when it has them, else the
     file-name conventions (`data/train-*`, `train.jsonl`, ...)."""
-    from datasets.data_files import get_data_patterns, resolve_pattern, sanitize_patterns
+    from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
 
     configs = _card_configs(directory)
     if configs:
@@ -148,7 +148,7 @@ def hf_dataset_files(directory: Path, config: str | None, spec: str) -> list[Pat
     else:
         try:
             splits = get_data_patterns(str(directory))
-        except Exception:  # datasets' EmptyDatasetError: no file it recognises
+        except EmptyDatasetError:  # no file it recognises
             splits = {}
     readable = f"({', '.join(SUPPORTED_SUFFIXES)}, optionally {' or '.join(COMPRESSED)})"
     def matches(pattern: str) -> list[str]:
