@@ -96,6 +96,10 @@ def test_a_model_stage1_cannot_adapt_or_a_loss_that_cannot_apply_its_logits_is_r
     line = run_stage1(monkeypatch, capsys, "--model", str(gemma2), "--output_dir", str(tmp_path / "out"), "--lm_loss", "liger")
     assert line == ("stage 1: error: lm_loss 'liger' does not apply the model config's final_logit_softcapping: "
                     "use lm_loss chunked or full")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' own switch (conftest), not a user's
+    line = run_stage1(monkeypatch, capsys, "--model", str(gemma2), "--output_dir", str(tmp_path / "out"),
+                      "--routed_compute", "fused")
+    assert line == "stage 1: error: routed_compute 'fused' runs on CUDA (or under TRITON_INTERPRET=1), not cpu; use dense or auto"
 
 
 def test_a_deepspeed_config_that_cannot_work_is_one_line_before_data(monkeypatch, capsys, tiny_model_dir, tmp_path):

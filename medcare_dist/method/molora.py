@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from medcare_dist.adapters.adapter_set import lora_pairs
 from medcare_dist.config import choices
+from medcare_dist.errors import ConfigError
 from medcare_dist.adapters.lora import init_lora_a
 
 
@@ -26,9 +27,9 @@ def resolve_routed_compute(name: str, device: torch.device) -> str:
     importable, dense otherwise (fused is unmeasured on GPUs: docs/benchmarks.md)."""
     has_triton = importlib.util.find_spec("triton") is not None
     if name == "fused" and not has_triton:
-        raise ValueError("routed_compute 'fused' needs Triton (pip install triton, or the triton extra); use dense or auto")
+        raise ConfigError("routed_compute 'fused' needs Triton (pip install triton, or the triton extra); use dense or auto")
     if name == "fused" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"routed_compute 'fused' runs on CUDA (or under TRITON_INTERPRET=1), not {device.type}; use dense or auto")
+        raise ConfigError(f"routed_compute 'fused' runs on CUDA (or under TRITON_INTERPRET=1), not {device.type}; use dense or auto")
     if name != "auto":
         return name
     return "fused" if device.type == "cuda" and has_triton else "dense"

@@ -21,7 +21,7 @@ from medcare_dist.adapters.adapter_set import AdapterSet, linear_targets
 from medcare_dist.adapters.lora import LoRA, lora_scale
 from medcare_dist.config import TrainConfig
 from medcare_dist.errors import ConfigError
-from medcare_dist.method.molora import MoLoRA, load_balancing_loss
+from medcare_dist.method.molora import MoLoRA, load_balancing_loss, resolve_routed_compute
 from medcare_dist.method.objective import Objective
 from medcare_dist.method.router_health import CollapseDetector, collapse_warning
 
@@ -53,7 +53,9 @@ def stage1_targets(model: nn.Module, cfg: TrainConfig) -> dict[str, list[tuple[s
 
 
 def check_stage1_base(model: nn.Module, cfg: TrainConfig) -> str:
-    """What stage 1 adapts on `model` (one line for the log); raises as `stage1_targets`."""
+    """What stage 1 adapts on `model` (one line for the log); raises as `stage1_targets`, or
+    when the routed experts' compute path cannot run on this machine."""
+    resolve_routed_compute(cfg.routed_compute, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     targets = stage1_targets(model, cfg)
     parts = []
     for kind, found in (("attention LoRA", targets["attention"]), ("LoRA experts", targets["experts"])):
