@@ -71,6 +71,8 @@ def resolve_model(name: str, *, log: Callable[[str], None] = print, wait_timeout
 def resolve_dataset(name: str, *, log: Callable[[str], None] = print, wait_timeout_s: float = 4 * 3600) -> Path:
     """The local snapshot directory of hub dataset `org/name` or `org/name@revision`
     (offline from the cache under HF_HUB_OFFLINE=1; downloaded on local rank 0 only)."""
+    if not is_hub_id(name):
+        raise SourceError(f"dataset {name}: not a hub id (org/name or org/name@revision)")
     repo_id, _, revision = name.partition("@")
     return _node_snapshot(repo_id, revision or None, "dataset", log, wait_timeout_s)
 

@@ -19,7 +19,6 @@ import glob
 import gzip
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -30,9 +29,9 @@ from medcare_dist.files import DIGEST_CACHE, file_sha256
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".parquet")
 COMPRESSED = (".gz", ".zst")
 _GLOB_CHARS = set("*?[")
-# `org/name`, `org/name@revision`, either with `:config`; no data-file suffix (a path then).
-_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?(:[\w.-]+)?$")
-FetchDataset = Callable[[str], Path]  # hub dataset `org/name[@revision]` -> its local snapshot directory
+# hub dataset `org/name[@revision]` -> its local snapshot directory; raises SourceError for a
+# name that is not a hub id or not fetchable (the hub layer owns what a hub id is)
+FetchDataset = Callable[[str], Path]
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,10 @@ def resolve_sources(spec: str | Path | Sequence[str | Path | Source], fetch_data
     return sources
 
 
-def is_dataset_id(spec: str) -> bool:
-    """`org/name[@revision][:config]` that is no existing path and has no data-file suffix."""
-    return (bool(_DATASET_ID.match(spec)) and not Path(spec).exists() and not spec.startswith((".", "/", "~"))
-            and _suffix(Path(spec.partition("@")[0].partition(":")[0])) not in SUPPORTED_SUFFIXES)
+def _may_name_a_dataset(spec: str) -> bool:
+    """Not written as a path (./, /, ~) and without a data-file suffix: a missing file then
+    reads "not found", never a hub lookup."""
+    return not spec.startswith((".", "/", "~")) and _suffix(Path(spec.partition("@")[0].partition(":")[0])) not in SUPPORTED_SUFFIXES
 
 
 def _expand(path: str, fetch_dataset: FetchDataset | None = None) -> list[Path]:
@@ -109,7 +108,7 @@ def _expand(path: str, fetch_dataset: FetchDataset | None = None) -> list[Path]:
         return found
     p = Path(path)
     if not p.exists():
-        if fetch_dataset is not None and is_dataset_id(path):
+        if fetch_dataset is not None and _may_name_a_dataset(path):
             name, _, config = path.partition(":")
             try:
                 directory = fetch_dataset(name)
