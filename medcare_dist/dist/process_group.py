@@ -17,6 +17,7 @@ hanging until the collective timeout. `MEDCARE_LIVENESS=0` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -142,10 +143,13 @@ def _arrival_key(rank: int) -> str:
     return f"medcare_dist/arrived/{rank}"
 
 
+_STORE_TIMEOUT_S = 10.0  # a side client of rank 0's rendezvous store: only notes depend on it
+
+
 def _store_client() -> "dist.TCPStore | None":
     try:
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+                             timeout=datetime.timedelta(seconds=_STORE_TIMEOUT_S), wait_for_workers=False)
     except Exception:  # only a note depends on it: never fail or delay the join over it
         return None
 
@@ -206,17 +210,15 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
 
     clear_stale_locks()  # a lock left by a killed process would make DeepSpeed's comm-op load below wait forever
     use_cuda = torch.cuda.is_available()
-    joined = threading.Event()
-    if not alone:
-        threading.Thread(target=_note_while_joining, args=(joined, timeout_s), name="medcare-join-note", daemon=True).start()
     try:
-        deepspeed.init_distributed(
-            dist_backend="nccl" if use_cuda else "gloo",
-            auto_mpi_discovery=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            verbose=False,
-            **(dict(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1) if alone else {}),
-        )
+        with _notes_while_joining(timeout_s, enabled=not alone):
+            deepspeed.init_distributed(
+                dist_backend="nccl" if use_cuda else "gloo",
+                auto_mpi_discovery=False,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                verbose=False,
+                **(dict(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1) if alone else {}),
+            )
     except (dist.DistStoreError, dist.DistNetworkError) as err:
         raise DistributedSetupError(
             f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} on host {socket.gethostname()}: the ranks did not all "
@@ -224,8 +226,6 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
             f"{one_line(str(err))}. A rank that failed before joining says why in its own log; otherwise check that "
             "every node was started with the same hostfile/world size, MASTER_ADDR and MASTER_PORT"
         ) from None
-    finally:
-        joined.set()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
@@ -244,16 +244,37 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
     return world
 
 
-def _note_while_joining(joined: threading.Event, timeout_s: float) -> None:
-    """The rendezvous itself says nothing until its timeout (30 minutes by default): say every
-    MEDCARE_JOIN_NOTE_S seconds (default 60) that this rank still waits, for what, and which
-    ranks have not arrived."""
+@contextlib.contextmanager
+def _notes_while_joining(timeout_s: float, enabled: bool = True):
+    """The rendezvous itself says nothing until its timeout (30 minutes by default): while the
+    block runs, say every MEDCARE_JOIN_NOTE_S seconds (default 60) that this rank still waits,
+    for what, and which ranks have not arrived.
+
+    The note thread is ended before the block's caller goes on: a daemon thread still inside a
+    torch store call when the interpreter exits aborts the process ("terminate called without
+    an active exception", seen under mpirun), so it must never outlive the join."""
+    if not enabled:
+        yield
+        return
+    joined = threading.Event()
+    note = threading.Thread(target=_note_until, args=(joined, timeout_s), name="medcare-join-note", daemon=True)
+    note.start()
+    try:
+        yield
+    finally:
+        joined.set()
+        note.join(timeout=2 * _STORE_TIMEOUT_S)
+
+
+def _note_until(joined: threading.Event, timeout_s: float) -> None:
     every_s = float(os.environ.get("MEDCARE_JOIN_NOTE_S", 60))
     start, store = time.monotonic(), None
     world_size = int(os.environ["WORLD_SIZE"])
     while not joined.wait(every_s):
         store = store or _store_client()
         missing = _not_arrived(store, world_size) if store is not None else None
+        if joined.is_set():
+            break
         if missing:
             who = f"ranks not yet arrived: {_rank_ranges(missing)} (their nodes' launchers did not start them, or they failed before joining: see their logs)"
         elif missing == []:
