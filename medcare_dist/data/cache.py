@@ -29,7 +29,7 @@ from medcare_dist.errors import DataError
 from medcare_dist.files import stream_sha256
 
 MANIFEST_NAME = "medcare_data.json"
-MANIFEST_FORMAT = "medcare_dist.data.dataset/3"  # 3: content-addressed cache entries with their own file digests
+MANIFEST_FORMAT = "medcare_dist.data.dataset/4"  # 3: content-addressed entries with their own digests; 4: the tokenizer pipeline in the fingerprint, record tools, empty system as none
 DATASET_SUBDIR = "dataset"
 NOTE_EVERY_S = 30.0
 

@@ -86,7 +86,7 @@ def assistant_prompt(tokenizer, messages: list[dict], thinking: bool = False) ->
     reply's ``reasoning_content`` when it has one (Qwen3 renders it there; other templates, and
     thinking off, refuse it). Templates without a thinking switch ignore `thinking`.
     """
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking)
+    return _render(tokenizer, messages, add_generation_prompt=True, enable_thinking=thinking)
 
 
 def render_with_spans(messages: list[dict], tokenizer, thinking: bool = False) -> tuple[str, list[tuple[int, int]]]:
@@ -132,8 +132,12 @@ def _reply_span(tokenizer, messages: list[dict], i: int, text: str, thinking: bo
     )
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False, **options) -> str:
+    """The chat template's text, with the conversation's tool definitions (on its first
+    message, `formats`) given as the template's `tools`."""
+    tools = messages[0].get("tools") if messages else None
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **options)
 
 
 # ------------------------------------------------------------------------ tokenising
@@ -176,11 +180,16 @@ def _check_tool_use(messages: list[dict], tokenizer, pattern: re.Pattern) -> Non
     """Tool calls and results need the template's own tool support; a call's arguments are
     rendered as the template writes them, so control-token text there is refused."""
     tool_turns = [j for j, m in enumerate(messages) if m["role"] == "tool" or "tool_calls" in m]
-    if not tool_turns:
-        return
-    if "tool_calls" not in tokenizer.chat_template:
+    tools = messages[0].get("tools") if messages else None
+    if tools is not None and "tools" not in tokenizer.chat_template:
+        raise DataError("the record has 'tools' (tool definitions), and the chat template has no tool support (it never "
+                        "reads 'tools'); use a model whose template has it, or remove the field")
+    if tool_turns and "tool_calls" not in tokenizer.chat_template:
         raise DataError(f"turn {tool_turns[0]}: tool calls or results, and the chat template has no tool support "
                         "(it never reads 'tool_calls'); use a model whose template has it, or remove the record")
+    found = pattern.search(json.dumps(tools, ensure_ascii=False)) if tools is not None else None
+    if found:
+        raise DataError(f"'tools': a tool definition spells the control token {found.group(0)!r}, which would act as one")
     for j in tool_turns:
         found = pattern.search(json.dumps(messages[j].get("tool_calls", []), ensure_ascii=False))
         if found:
@@ -216,8 +225,14 @@ def _plain_text_ids(tokenizer, text: str) -> list[int]:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 over the tokenizer's vocabulary, special tokens and chat template."""
+    """sha256 over the tokenizer's vocabulary, special tokens and chat template, and for a fast
+    tokenizer its whole pipeline (merges, normalizer, pre-tokenizer): what decides the ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pipeline = json.loads(backend.to_str()) if backend is not None else None
+    for call_state in ("truncation", "padding"):  # set per call by transformers, not part of the tokenizer
+        (pipeline or {}).pop(call_state, None)
     identity = {
+        "pipeline": pipeline,
         "vocab": sorted(tokenizer.get_vocab().items()),
         "special_tokens": tokenizer.special_tokens_map,
         "added_tokens": sorted((i, t.content, t.special) for i, t in tokenizer.added_tokens_decoder.items()),

@@ -27,7 +27,7 @@ from medcare_dist.data.cache import (DATASET_SUBDIR, MANIFEST_NAME, entry_proble
                                      wait_for_entry, write_entry)
 from medcare_dist.data.chat import check_tokenizer, control_token_strings, tokenize_conversation, tokenizer_fingerprint
 from medcare_dist.data.formats import normalize_record
-from medcare_dist.data.sources import Source, data_files, draw, read_located, resolve_sources
+from medcare_dist.data.sources import Source, data_files, data_specs, draw, read_located, resolve_sources, split_count
 from medcare_dist.errors import ChatTemplateError, DataError, MedcareError
 from medcare_dist.files import require_empty_dir
 
@@ -306,7 +306,11 @@ def load_dataset_for_training(spec: str | Path | Sequence[str | Path], tokenizer
     _check_choice("on_bad_record", on_bad_record)
     _check_choice("control_tokens", control_tokens)
     files = data_files(spec)
-    if len(files) == 1 and (files[0] / MANIFEST_NAME).is_file():
+    preprocessed = [f for f in files if (f / MANIFEST_NAME).is_file()]
+    if preprocessed and (len(files) > 1 or split_count(data_specs(spec)[0])[1] is not None):
+        raise DataError(f"{preprocessed[0]} is a preprocessed dataset, read whole as it was written: it takes no record "
+                        "count and mixes with nothing; preprocess the mix itself (medcare-dist preprocess with the same --data)")
+    if preprocessed:
         dataset, stats = _load_preprocessed(files[0], tokenizer, max_length, on_bad_record, control_tokens, thinking)
     elif cache_dir is None:
         dataset, stats = build_dataset(spec, tokenizer, max_length, on_bad_record, num_proc, control_tokens, seed,

@@ -2,15 +2,18 @@
 
     MedCare / ShareGPT  {"conversations": [{"from": "system"|"human"|"user"|"gpt"|"assistant", "value": str}, ...],
                          "system": str (optional, the record's system prompt)}
-    OpenAI              {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    OpenAI              {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...],
+                         "tools": [tool definition, ...] (optional)}
     Alpaca              {"instruction": str, "input": str (optional), "output": str,
                          "system": str (optional), "history": [[user, assistant], ...] (optional)}
 
 Alpaca's prompt is the instruction, then a newline and the input when there is one (as
 LLaMA-Factory renders it). OpenAI tool use is kept: an assistant turn's ``tool_calls`` (its
 content may then be empty) and ``"role": "tool"`` results after it, rendered by the chat
-template's own tool support (`chat`: the calls are trained, the results masked; a template
-without tool support refuses the record). Nothing in a record is dropped silently. Text that spells a control token (``<|im_end|>``, ...) is refused when
+template's own tool support with the record's ``tools`` (`chat`: the calls are trained, the
+results masked; a template without tool support refuses the record). An empty ``system``
+field is no system prompt (the template's default applies). Nothing in a record is dropped
+silently. Text that spells a control token (``<|im_end|>``, ...) is refused when
 `forbidden` lists it (it could forge turns).
 """
 
@@ -54,16 +57,36 @@ def normalize_record(record: Any, forbidden: tuple[str, ...] = ()) -> list[dict[
     if not turns:
         raise DataError("empty conversation")
     messages = [_turn(turn, j, role_key, content_key, role_names) for j, turn in enumerate(turns)]
-    system = record.get("system")
+    system = _system(record)
     if system is not None:
         if messages[0]["role"] == "system":
             raise DataError("the record has both a 'system' field and a system turn")
-        messages.insert(0, {"role": "system", "content": _text(system, "'system'")})
+        messages.insert(0, {"role": "system", "content": system})
+    if record.get("tools") is not None:
+        messages[0]["tools"] = _tools(record["tools"], key)
     return _checked(messages, forbidden, offset=1 if system is not None else 0)
 
 
+def _system(record: dict) -> str | None:
+    """The record's own system prompt; an empty one is none (the template's default applies),
+    as ShareGPT and Alpaca exports write it."""
+    system = record.get("system")
+    return None if system is None or system == "" else _text(system, "'system'")
+
+
+def _tools(tools: Any, key: str) -> list[dict]:
+    """The record's tool definitions (OpenAI's `tools`), passed to the chat template with the
+    conversation; they ride on its first message under "tools"."""
+    if key != "messages":
+        raise DataError("'tools' (tool definitions) belong to OpenAI 'messages' records, not to 'conversations'")
+    if not isinstance(tools, list) or not tools or not all(isinstance(tool, dict) for tool in tools):
+        raise DataError("'tools' is not a non-empty list of objects (tool definitions)")
+    return tools
+
+
 def _alpaca_messages(record: dict) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": _text(record["system"], "'system'")}] if record.get("system") is not None else []
+    system = _system(record)
+    messages = [{"role": "system", "content": system}] if system is not None else []
     history = record.get("history") or []
     if not isinstance(history, list):
         raise DataError(f"'history' is not a list (got {type(history).__name__})")
@@ -83,6 +106,11 @@ def _alpaca_messages(record: dict) -> list[dict[str, str]]:
 def _text(value: Any, what: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{what} is not a string (got {type(value).__name__})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON may spell half of a surrogate pair (a cut emoji); no tokenizer takes it
+        raise DataError(f"{what} is not valid Unicode: a lone surrogate {value[err.start]!r} at character {err.start} "
+                        "(an emoji cut in half?)") from None
     return value
 
 
@@ -105,8 +133,9 @@ def _turn(turn: Any, j: int, role_key: str, content_key: str, role_names: dict) 
 
 def _tool_turn(turn: dict, j: int, role: str) -> dict:
     """A tool result, or an assistant turn with tool calls (each an object; content optional)."""
-    if role == "tool":
-        return {"role": "tool", "content": _text(turn.get("content"), f"turn {j}: 'content'")}
+    if role == "tool":  # with the call it answers and the tool's name where given (some templates render them)
+        extra = {k: _text(turn[k], f"turn {j}: {k!r}") for k in ("tool_call_id", "name") if turn.get(k) is not None}
+        return {"role": "tool", "content": _text(turn.get("content"), f"turn {j}: 'content'"), **extra}
     calls = turn["tool_calls"]
     if role != "assistant":
         raise DataError(f"turn {j}: a {role!r} turn has tool_calls (only assistant turns make tool calls)")
@@ -122,27 +151,28 @@ def _checked(messages: list[dict], forbidden: tuple[str, ...], offset: int = 0) 
     `offset`: turns added before the record's own (its `system` field), so that errors
     count the record's turns."""
     for j, message in enumerate(messages):
-        turn = max(j - offset, 0)
+        turn = f"turn {j - offset}" if j >= offset else "'system'"
         if not message["content"].strip() and "tool_calls" not in message:
-            raise DataError(f"turn {turn}: empty content")
+            raise DataError(f"{turn}: empty content")
         token = next(filter(None, (find_control_token(message.get(k, ""), forbidden) for k in ("content", "reasoning_content"))),
                      None)
         if token is not None:
-            raise DataError(f"turn {turn}: the {message['role']} text contains the control token {token!r}, which would "
+            raise DataError(f"{turn}: the {message['role']} text contains the control token {token!r}, which would "
                             "act as one (a forged turn); remove it, or set control_tokens: as_text to keep it as plain text")
-    _check_turn_order(messages)
+    _check_turn_order(messages, offset)
     return messages
 
 
-def _check_turn_order(messages: list[dict]) -> None:
+def _check_turn_order(messages: list[dict], offset: int) -> None:
     roles = [m["role"] for m in messages]
     for j, role in enumerate(roles):
+        turn = j - offset  # the record's own numbering
         if role == "system" and j > 0:
-            raise DataError(f"turn {j}: system turn is not the first turn")
+            raise DataError(f"turn {turn}: system turn is not the first turn")
         if role == "tool" and not (roles[j - 1] == "tool" or "tool_calls" in messages[j - 1]):
-            raise DataError(f"turn {j}: a tool result that follows no assistant turn with tool_calls")
+            raise DataError(f"turn {turn}: a tool result that follows no assistant turn with tool_calls")
         if j > 0 and role == roles[j - 1] != "tool":
-            raise DataError(f"turns {j - 1} and {j}: two {role} turns in a row")
+            raise DataError(f"turns {turn - 1} and {turn}: two {role} turns in a row")
     dialogue = [role for role in roles if role != "system"]
     if "assistant" not in dialogue:
         raise DataError("no assistant turn")

@@ -7,9 +7,12 @@ takes 20,000 records of a.jsonl drawn with the run's seed (the file repeated whe
 exceeds it), as ms-swift's ``dataset#N``. Of a Hugging Face dataset, the train split of one
 config is read, found as `datasets` finds it (the card's `configs`, else the file-name
 conventions); several configs and none chosen is an error, never a silent mix.
-Files: JSON (an array), JSONL and Parquet, each optionally gzip- or zstd-compressed
-(``.jsonl.gz``, ``.jsonl.zst``). Records are yielded one at a time (Parquet in row batches,
-JSONL line by line); only a JSON array is parsed whole.
+Files: JSON (an array), JSONL and Parquet, each optionally gzip-compressed, JSON and JSONL
+also zstd (``.jsonl.gz``, ``.jsonl.zst``). A directory of shards is read whole, its
+subdirectories too; an entry in it that is not data is an error, never skipped (a directory
+laid out as a Hugging Face dataset, with split-named files or a card, gives its train split).
+Records are yielded one at a time (Parquet in row batches, JSONL line by line); only a JSON
+array is parsed whole.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import glob
 import gzip
 import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -46,18 +50,19 @@ class Source:
     def describe(self) -> dict:
         """Content identity (sizes and sha256s, not paths): what the cache key and the
         manifest record."""
+        files = [f for p in self.files for f in (saved_dataset_files(p) if p.is_dir() else [p])]
         return {"spec": self.spec, "records": self.records,
-                "files": [{"path": str(p.resolve()), "size": p.stat().st_size, "sha256": file_sha256(p)} for p in self.files]}
+                "files": [{"path": str(f.resolve()), "size": f.stat().st_size, "sha256": file_sha256(f)} for f in files]}
 
 
-def data_specs(spec: str | Path | Sequence[str | Path]) -> list[str]:
-    """Specs from a path, a comma-separated string of specs, or a list of them."""
+def data_specs(spec: str | Path | Sequence[str | Path | Source]) -> list[str]:
+    """Specs from a path, a comma-separated string of specs, or a list of them (or of Sources)."""
     if isinstance(spec, str):
         parts = [part.strip() for part in spec.split(",")]
     elif isinstance(spec, Path):
         parts = [str(spec)]
     else:
-        parts = [str(part).strip() for part in spec]
+        parts = [(part.spec if isinstance(part, Source) else str(part)).strip() for part in spec]
     parts = [part for part in parts if part]
     if not parts:
         raise ValueError(f"no data files given: {spec!r}")
@@ -66,15 +71,13 @@ def data_specs(spec: str | Path | Sequence[str | Path]) -> list[str]:
 
 def data_files(spec: str | Path | Sequence[str | Path | Source]) -> list[Path]:
     """The paths of the specs (record counts left off), unexpanded: what a reader opens by name."""
-    if not isinstance(spec, (str, Path)):
-        spec = [part.spec if isinstance(part, Source) else part for part in spec]
     return [Path(split_count(part)[0]) for part in data_specs(spec)]
 
 
 def split_count(spec: str) -> tuple[str, int | None]:
     """``path#N`` -> (path, N); a spec without a count -> (spec, None)."""
     path, sep, count = spec.rpartition("#")
-    if not sep or not count.strip().isdigit():
+    if not sep or not re.fullmatch(r"\s*[0-9]+\s*", count):
         return spec, None
     if int(count) < 1:
         raise DataError(f"{spec}: the record count after '#' must be at least 1")
@@ -101,12 +104,12 @@ def _may_name_a_dataset(spec: str) -> bool:
 
 
 def _expand(path: str, fetch_dataset: FetchDataset | None = None) -> list[Path]:
-    if _GLOB_CHARS & set(path):
-        found = sorted(Path(p) for p in glob.glob(path) if _readable(Path(p)))
-        if not found:
-            raise InputNotFoundError(f"no data file matches {path}")
-        return found
     p = Path(path)
+    if _GLOB_CHARS & set(path) and not p.exists():
+        matched = [Path(m) for m in sorted(glob.glob(path))]
+        if not matched:
+            raise InputNotFoundError(f"no data file matches {path}")
+        return _shards(matched, path)
     if not p.exists():
         if fetch_dataset is not None and _may_name_a_dataset(path):
             name, _, config = path.partition(":")
@@ -118,17 +121,59 @@ def _expand(path: str, fetch_dataset: FetchDataset | None = None) -> list[Path]:
         raise InputNotFoundError(f"data file not found: {p}")
     if not p.is_dir() or is_saved_dataset(p):
         return [p]
-    found = sorted(child for child in p.iterdir() if child.is_file() and child.name != DIGEST_CACHE and _readable(child))
-    if not found:
+    if _card_configs(p) or set(_split_patterns(p)) - {"train"}:  # laid out as a Hugging Face dataset
         return hf_dataset_files(p, None, path)
+    return _shards(sorted(p.iterdir()), path)
+
+
+# Files a directory of shards (or a dataset repository) may hold beside its data.
+_NOT_DATA = {DIGEST_CACHE, "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", ".gitattributes", ".gitignore"}
+
+
+def _shards(entries: list[Path], spec: str) -> list[Path]:
+    """The data files among `entries` (a directory's or a glob's), every one of them: a
+    subdirectory is read whole (its data files at any depth, or as a saved dataset), and an
+    entry that is neither data nor a known companion file is an error, never skipped."""
+    found, refused = [], []
+    for entry in _entries_below(entries):
+        (found if _readable(entry) else refused).append(entry)
+    if refused:
+        listed = ", ".join(p.name for p in refused[:5]) + (f" and {len(refused) - 5} more" if len(refused) > 5 else "")
+        raise DataError(f"{spec}: not data files ({', '.join(SUPPORTED_SUFFIXES)}, optionally {' or '.join(COMPRESSED)}, or "
+                        f"a datasets.save_to_disk directory): {listed}; convert or remove them, or name the files to read")
+    if not found:
+        raise DataError(f"{spec}: no data files ({', '.join(SUPPORTED_SUFFIXES)}, optionally {' or '.join(COMPRESSED)}) "
+                        "and no datasets.save_to_disk directory")
     return found
+
+
+def _entries_below(entries: list[Path]) -> Iterator[Path]:
+    """Files and saved datasets among `entries` and in their subdirectories, in order, less the
+    companions of data (a card, a licence, dotfiles, our digest cache)."""
+    for entry in entries:
+        if entry.name in _NOT_DATA or entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not is_saved_dataset(entry):
+            yield from _entries_below(sorted(entry.iterdir()))
+        else:
+            yield entry
+
+
+def _split_patterns(directory: Path) -> dict[str, list[str]]:
+    """{split: file patterns} as `datasets` assigns a directory's files to splits by name."""
+    from datasets.data_files import EmptyDatasetError, get_data_patterns
+
+    try:
+        return get_data_patterns(str(directory))
+    except EmptyDatasetError:  # no file it recognises
+        return {}
 
 
 def hf_dataset_files(directory: Path, config: str | None, spec: str) -> list[Path]:
     """The train-split files of one config of a Hugging Face dataset repository (a snapshot
     or a clone), as `datasets` resolves them: the card's `configs` when it has them, else the
     file-name conventions (`data/train-*`, `train.jsonl`, ...)."""
-    from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern, sanitize_patterns
+    from datasets.data_files import resolve_pattern, sanitize_patterns
 
     configs = _card_configs(directory)
     if configs:
@@ -145,10 +190,7 @@ def hf_dataset_files(directory: Path, config: str | None, spec: str) -> list[Pat
     elif config is not None:
         raise DataError(f"{spec}: the dataset card of {directory} declares no configs, so there is no {config!r} to choose")
     else:
-        try:
-            splits = get_data_patterns(str(directory))
-        except EmptyDatasetError:  # no file it recognises
-            splits = {}
+        splits = _split_patterns(directory)
     readable = f"({', '.join(SUPPORTED_SUFFIXES)}, optionally {' or '.join(COMPRESSED)})"
     def matches(pattern: str) -> list[str]:
         try:
@@ -180,7 +222,13 @@ def _card_configs(directory: Path) -> dict[str, dict]:
 
 
 def _readable(path: Path) -> bool:
-    return is_saved_dataset(path) or _suffix(path) in SUPPORTED_SUFFIXES
+    return is_saved_dataset(path) or (_suffix(path) in SUPPORTED_SUFFIXES and not _zstd_parquet(path))
+
+
+def _zstd_parquet(path: Path) -> bool:
+    """Parquet needs random access, which a zstd stream does not give (Parquet compresses its
+    own columns; a gzip'd Parquet file is read, slowly)."""
+    return _suffix(path) == ".parquet" and path.suffix.lower() == ".zst"
 
 
 def _suffix(path: Path) -> str:
@@ -196,7 +244,7 @@ def is_saved_dataset(path: Path) -> bool:
 
 
 def saved_dataset_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file())
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != DIGEST_CACHE)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -216,6 +264,9 @@ def raw_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
         yield from _jsonl_records(path)
     elif suffix == ".json":
         yield from ((index, None, record) for index, record in enumerate(_json_array(path)))
+    elif _zstd_parquet(path):
+        raise DataError("a zstd-compressed Parquet file cannot be read (Parquet needs random access; it compresses its "
+                        "columns itself): decompress it with `zstd -d`", path)
     elif suffix == ".parquet":
         yield from _parquet_records(path)
     else:
@@ -285,8 +336,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, int, Any]]:
                 continue
             try:
                 record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                record = DataError(f"invalid JSON: {err}")
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+                record = DataError(f"invalid JSON: {'nested too deeply to parse' if isinstance(err, RecursionError) else err}")
             yield index, line_no, record
             index += 1
 

@@ -259,13 +259,19 @@ def test_tool_calls_are_trained_and_tool_results_masked_with_the_templates_own_t
 
     tokenizer = AutoTokenizer.from_pretrained(write_family("qwen2.5", tmp_path / "tokenizer"))
     call = {"type": "function", "function": {"name": "dose", "arguments": {"drug": "ibuprofen"}}}
-    record = {"messages": [{"role": "user", "content": "Can I take ibuprofen?"},
+    tool = {"type": "function", "function": {"name": "dose", "description": "Dose lookup",
+                                             "parameters": {"type": "object", "properties": {"drug": {"type": "string"}}}}}
+    record = {"tools": [tool],
+              "messages": [{"role": "user", "content": "Can I take ibuprofen?"},
                            {"role": "assistant", "content": None, "tool_calls": [call]},
-                           {"role": "tool", "content": "200-400 mg every 6-8 hours"},
+                           {"role": "tool", "content": "200-400 mg every 6-8 hours", "tool_call_id": "call_0"},
                            {"role": "assistant", "content": "Yes, 200-400 mg every 6-8 hours with food."}]}
-    runs = token_runs(tokenizer, tokenize_conversation(normalize_record(record), tokenizer, 4096))
+    messages = normalize_record(record)
+    assert messages[2]["tool_call_id"] == "call_0"  # kept for the templates that render it
+    runs = token_runs(tokenizer, tokenize_conversation(messages, tokenizer, 4096))
     trained = [text for is_trained, text in runs if is_trained]
     masked = "".join(text for is_trained, text in runs if not is_trained)
     assert trained == ['<tool_call>\n{"name": "dose", "arguments": {"drug": "ibuprofen"}}\n</tool_call><|im_end|>\n',
                        "Yes, 200-400 mg every 6-8 hours with food.<|im_end|>\n"]
     assert "<tool_response>\n200-400 mg every 6-8 hours\n</tool_response>" in masked
+    assert "<tools>" in masked and '"description": "Dose lookup"' in masked  # the definitions, as the template writes them

@@ -129,6 +129,10 @@ def test_tool_use_under_a_template_without_tool_support_is_refused_by_record_nev
         build_dataset(path, tokenizer, 512)
     dataset, stats = build_dataset(path, tokenizer, 512, on_bad_record="skip")
     assert (stats.records, stats.skipped) == (1, 1) and "no tool support" in stats.errors[0]
+    definitions = write_jsonl(tmp_path / "definitions.jsonl", [{**SHAPES["openai"], "tools": [{"type": "function"}]}])
+    with pytest.raises(DataError, match=r"record 0 \(line 1\): the record has 'tools' \(tool definitions\), and the chat "
+                                        r"template has no tool support"):
+        build_dataset(definitions, tokenizer, 512)
 
 
 @pytest.mark.parametrize("messages,reason", [

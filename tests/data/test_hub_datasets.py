@@ -116,5 +116,5 @@ def test_a_local_clone_reads_the_same_files_and_a_dir_without_train_data_is_name
     with pytest.raises(DataError, match=r"only_test is a directory without data files .* of a train split \(splits: test\)"):
         resolve_sources(str(only_test))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=r"empty is a directory without data files .* of a train split, and not a datasets.save_to_disk"):
+    with pytest.raises(DataError, match=r"empty: no data files .* and no datasets.save_to_disk directory"):
         resolve_sources(str(tmp_path / "empty"))
