@@ -233,4 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     except MedcareError as err:
         print(f"medcare-dist {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FileNotFoundError as err:  # inputs are checked first (InputNotFoundError): this one went away meanwhile
+        print(f"medcare-dist {args.command}: error: {err.filename}: missing, though the inputs were checked when the "
+              "command started: removed while it ran (a running job's keep_last pruning an older checkpoint?)", file=sys.stderr)
+        return 2
     return 0

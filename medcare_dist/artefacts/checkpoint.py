@@ -133,16 +133,20 @@ def save_checkpoint(
         _write_json(tmp / CONFIG_FILE, config)
         write_manifest(tmp, {**new_manifest(checkpoint_kind(manifest["stage"]), manifest), "step": state.step, "save_order": save_order,
                              "files": record_files(tmp), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        for f in tmp.iterdir():  # network file systems (NFS, Lustre) report a failed write here, at the latest
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
     except Exception as err:  # torch.save reports a full disk as a RuntimeError ("unexpected pos ..."), safetensors as its own
         free = shutil.disk_usage(output_dir).free
         shutil.rmtree(tmp, ignore_errors=True)
-        if getattr(err, "errno", None) == errno.ENOSPC or free < min(needed, 1 << 20):
-            raise _no_room(output_dir, final.name, free, needed, "; the partial save was removed") from None
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < min(needed, 1 << 20):
+            raise _no_room(output_dir, final.name, free, needed, "; the partial save was removed",
+                           quota=getattr(err, "errno", None) == errno.EDQUOT) from None
+        if isinstance(err, OSError):
+            raise CheckpointError(f"{output_dir}: writing {final.name} failed: {err.strerror or err}; the partial save "
+                                  "was removed, the previous checkpoint and 'latest' are intact") from None
         raise
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
     replaced = None
     if final.exists():  # an abandoned run's checkpoint of the same step (resumed from an older one)
         replaced = output_dir / f".checkpoint-{state.step}.replaced"
@@ -187,9 +191,9 @@ def require_room(output_dir: Path, name: str, needed: int) -> None:
         raise _no_room(output_dir, name, free, needed, "")
 
 
-def _no_room(output_dir: Path, name: str, free: int, needed: int, note: str) -> OutputDirError:
-    return OutputDirError(f"no room for {name} in {output_dir}: {free:,} bytes free, about {needed:,} needed (disk full){note}; "
-                          "the previous checkpoint and `latest` are intact")
+def _no_room(output_dir: Path, name: str, free: int, needed: int, note: str, quota: bool = False) -> OutputDirError:
+    why = "over the disk quota" if quota else f"{free:,} bytes free, about {needed:,} needed (disk full)"
+    return OutputDirError(f"no room for {name} in {output_dir}: {why}{note}; the previous checkpoint and `latest` are intact")
 
 
 def _save_order(path: Path) -> int:

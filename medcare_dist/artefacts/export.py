@@ -27,7 +27,7 @@ from medcare_dist.artefacts.manifest import (
     verify_artefact, versions,
 )
 from medcare_dist.artefacts.stage2_base import read_knowledge
-from medcare_dist.errors import CheckpointError
+from medcare_dist.errors import CheckpointError, InputNotFoundError
 from medcare_dist.files import require_empty_dir
 from medcare_dist.method import stage2
 from medcare_dist.method.stage1 import ATTENTION, MOLORA
@@ -43,6 +43,9 @@ def stage2_deltas(checkpoint: Path) -> tuple[dict[str, list[tuple[torch.Tensor, 
 
 
 def _require(checkpoint: Path, kinds: tuple[str, ...], what: str) -> str:
+    if not checkpoint.is_dir():
+        raise InputNotFoundError(f"{checkpoint} does not exist (a typo, or pruned by the run's keep_last?); {what} needs "
+                                 f"a {' or '.join(kinds)}")
     kind = artefact_kind(checkpoint)
     if kind not in kinds:
         raise CheckpointError(f"{checkpoint} is a {kind}; {what} needs a {' or '.join(kinds)}")

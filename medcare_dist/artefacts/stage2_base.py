@@ -42,7 +42,8 @@ def prepare_stage2(stage1_checkpoint: str | Path, out_dir: str | Path, max_shard
     ckpt, out = Path(stage1_checkpoint), Path(out_dir)
     kind = artefact_kind(ckpt) if ckpt.is_dir() else None
     if kind != STAGE1_CHECKPOINT:
-        raise CheckpointError(f"{ckpt}: {'does not exist' if kind is None else f'a {kind}'}, not a stage-1 checkpoint")
+        what = "does not exist (a typo, or pruned by the run's keep_last?)" if kind is None else f"a {kind}"
+        raise CheckpointError(f"{ckpt}: {what}, not a stage-1 checkpoint")
     manifest = read_manifest(ckpt)
     require_empty_dir(out)
     verify_artefact(ckpt)  # its files' digests, and a base whose weights have not changed since stage 1

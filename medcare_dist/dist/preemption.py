@@ -18,6 +18,7 @@ together even when only some of them were signalled. The run then exits with EXI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ import threading
 import time
 
 from medcare_dist.dist import process_group as dist_utils
+from medcare_dist.dist.rank_env import started_by_launcher
 
 EXIT_PREEMPTED = 75  # saved on a stop signal (or a lost launcher); `--resume auto` continues (EX_TEMPFAIL)
 REPEAT_WINDOW_S = 2.0
@@ -43,7 +45,7 @@ def launcher_pids() -> list[int]:
     for a process started without a launcher: its parent is a shell, which `nohup` outlives."""
     import psutil
 
-    if "RANK" not in os.environ:  # set by every launcher (or from its variables: rank_env.env_from_launcher)
+    if not started_by_launcher():
         return []
 
     try:
@@ -57,22 +59,31 @@ def launcher_pids() -> list[int]:
 
 
 class StopRequests:
-    """The stop flag of this process: set by a stop signal or by the launcher's death."""
+    """The stop flag of this process: set by a stop signal or by the launcher's death.
+
+    Made before the run's setup and entered when training starts: the launcher is recorded at
+    construction, so that one that dies during the setup (when this rank has already been
+    handed to init) is noticed at the first step."""
 
     def __init__(self, signal_names: list[str]):
+        import psutil
+
         self.signals = [getattr(signal, name) for name in signal_names]
         self.reason: str | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
         self._watching = threading.Event()
+        self._launchers: dict[int, float] = {}  # pid -> its start time: a reused pid is not the launcher
+        for pid in launcher_pids():
+            with contextlib.suppress(psutil.Error):
+                self._launchers[pid] = psutil.Process(pid).create_time()
 
     def __enter__(self) -> "StopRequests":
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
-        pids = launcher_pids()
-        if pids:
+        if self._launchers:
             self._watching.set()
-            threading.Thread(target=self._watch, args=(pids,), name="medcare-launcher-watch", daemon=True).start()
+            threading.Thread(target=self._watch, name="medcare-launcher-watch", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,12 +102,9 @@ class StopRequests:
             _say(f"second {name}: exiting now without saving")
             os._exit(128 + signum)
 
-    def _watch(self, pids: list[int]) -> None:
-        import psutil
-
-        watched = {pid: psutil.Process(pid).create_time() for pid in pids if psutil.pid_exists(pid)}
+    def _watch(self) -> None:
         while self._watching.is_set():
-            gone = [pid for pid, created in watched.items() if not _alive(pid, created)]
+            gone = [pid for pid, created in self._launchers.items() if not _alive(pid, created)]
             if gone:
                 self.reason = self.reason or f"launcher process {gone[0]} exited"
                 _say(f"{self.reason}: saving at the end of this step and exiting; ending in {ORPHAN_GRACE_S:.0f} s at the latest")

@@ -163,12 +163,19 @@ def _announce_arrival(rank: int) -> None:
             pass
 
 
-def _not_arrived(store: "dist.TCPStore", world_size: int) -> list[int] | None:
-    """Ranks other than 0 with no arrival key (None when the store cannot be asked)."""
+def _not_arrived(store: "dist.TCPStore", world_size: int, joined: threading.Event) -> list[int] | None:
+    """Ranks other than 0 with no arrival key (None when the store cannot be asked, or the
+    join completed meanwhile: one store call at most is under way when it does)."""
+    missing = []
     try:
-        return [r for r in range(1, world_size) if not store.check([_arrival_key(r)])]
+        for r in range(1, world_size):
+            if joined.is_set():
+                return None
+            if not store.check([_arrival_key(r)]):
+                missing.append(r)
     except Exception:
         return None
+    return missing
 
 
 def _rank_ranges(ranks: list[int]) -> str:
@@ -272,7 +279,7 @@ def _note_until(joined: threading.Event, timeout_s: float) -> None:
     world_size = int(os.environ["WORLD_SIZE"])
     while not joined.wait(every_s):
         store = store or _store_client()
-        missing = _not_arrived(store, world_size) if store is not None else None
+        missing = _not_arrived(store, world_size, joined) if store is not None else None
         if joined.is_set():
             break
         if missing:

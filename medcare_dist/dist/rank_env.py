@@ -173,10 +173,18 @@ def launch_world_size() -> int | None:
     return None
 
 
+_RANK_VARIABLES = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def started_by_launcher() -> bool:
+    """A launcher (deepspeed, torchrun, srun, mpirun) started this process: it set a rank."""
+    return any(os.environ.get(var, "").isdigit() for var in _RANK_VARIABLES)
+
+
 def launch_rank() -> int:
     """This process's rank as the launcher set it, read before any process group exists
     (0 for a plain single process)."""
-    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
+    for var in _RANK_VARIABLES:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0

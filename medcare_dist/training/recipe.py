@@ -155,8 +155,9 @@ def main_for_stage(stage: int, build_adapters, build_objective, check_inputs=Non
 
     try:
         cfg = config_from_argv(sys.argv[1:], stage)
+        stop = StopRequests(cfg.preempt_signals)  # the launcher as it is now, before the minutes of setup
         trainer = build_trainer(cfg, build_adapters, build_objective, check_inputs, check_base)
-        with StopRequests(cfg.preempt_signals) as stop:  # signals and a lost launcher: save, then exit EXIT_PREEMPTED
+        with stop:  # signals and a lost launcher: save at the next step boundary, then exit EXIT_PREEMPTED
             trainer.fit(stop)
         if trainer.stop_reason:
             return EXIT_PREEMPTED

@@ -37,6 +37,7 @@ from medcare_dist.dist import process_group as dist_utils
 from medcare_dist.adapters.adapter_set import AdapterSet
 from medcare_dist.artefacts.manifest import adapter_digest, data_fingerprint
 from medcare_dist.artefacts.checkpoint import TrainState, checkpoint_bytes, clear_previous_run, load_checkpoint, require_room, save_checkpoint
+from medcare_dist.artefacts.run_lock import require_held
 from medcare_dist.config import ConfigError, TrainConfig
 from medcare_dist.data.batching import collate, collate_packed, pieces_for_rank, plan_global_batches, row_tokens, split_global_batch
 from medcare_dist.data.chat import IGNORE_INDEX
@@ -315,6 +316,7 @@ class Trainer:
             raise RuntimeError(f"the frozen base changed during training: checksum {checks['base_checksum']} != {self.manifest['base_checksum']}")
         self.state.grad_scaler = self.scaler.state_dict()
         if self.world.is_main:
+            require_held()  # a run whose output_dir was taken over stops here, before it writes over the new holder
             path = save_checkpoint(
                 self.out_dir,
                 self.state,

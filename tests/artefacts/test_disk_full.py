@@ -1,12 +1,14 @@
 """A full disk at a save, for real: a small tmpfs (mounting needs root)."""
 
+import errno
+import os
 import subprocess
 
 import pytest
 import torch
 
 from medcare_dist.artefacts.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
-from medcare_dist.errors import OutputDirError
+from medcare_dist.errors import CheckpointError, OutputDirError
 
 
 @pytest.fixture
@@ -56,3 +58,20 @@ def test_a_resume_on_a_full_disk_is_one_line(small_disk):
     with pytest.raises(OutputDirError, match=rf"^{metrics}: cannot rewrite it for the resume: No space left on device$"):
         MetricsReporter(small_disk).rewind(1)
     assert metrics.read_text().count("step") == 3  # untouched
+
+
+@pytest.mark.parametrize("code,error,says", [
+    (errno.EDQUOT, OutputDirError, r"no room for checkpoint-2 in .*: over the disk quota; the partial save was removed"),
+    (errno.EIO, CheckpointError, r"writing checkpoint-2 failed: Input/output error; the partial save was removed"),
+])
+def test_a_write_that_fails_at_fsync_is_one_line_and_leaves_no_partial_save(tmp_path, monkeypatch, code, error, says):
+    """Network file systems (NFS, Lustre) report a failed write, or a quota, at fsync."""
+    save(tmp_path, 1, 10)
+
+    def failing_fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(error, match=says):
+        save(tmp_path, 2, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "latest"]

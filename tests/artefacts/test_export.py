@@ -97,6 +97,9 @@ def test_export_refuses_what_it_cannot_do(artefacts, tiny_model_dir, tmp_path):
         export_merged(stage1, tmp_path / "a")
     with pytest.raises(ValueError, match="stage2-base"):
         export_adapter(base, tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-5 does not exist \(a typo, or pruned by the run's keep_last\?\); "
+                                                r"a merged export needs a stage2-checkpoint"):
+        export_merged(tmp_path / "run" / "checkpoint-5", tmp_path / "c")  # not "is a hf"
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(FileExistsError):

@@ -72,3 +72,46 @@ def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputDirError, match=f"output_dir {tmp_path / 'file' / 'run'} cannot be created: Not a directory"):
         RunLock.take(tmp_path / "file" / "run")
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_attempts_lock_at_once(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    attempt0 = {"host": "node-elsewhere", "pid": 1234, "started": time.time(), "heartbeat": time.time(),
+                "slurm_job": "4242", "slurm_attempt": 0}  # its rank 0 was SIGKILLed on another node
+    out.joinpath(LOCK_FILE).write_text(json.dumps(attempt0))
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(OutputInUseError, match="pid 1234 on host node-elsewhere"):  # another job: live
+        RunLock.take(out)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    said = []
+    RunLock.take(out, log=said.append).release()
+    assert said[0].endswith("taken by attempt 0 of this SLURM job 4242, which SLURM ended before requeueing it")
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_saving_and_release_never_brings_it_back(tmp_path, monkeypatch):
+    import medcare_dist.artefacts.run_lock as run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    out = tmp_path / "run"
+    lock = RunLock.take(out)
+    try:
+        run_lock.require_held()  # held: no error
+        taker = {"host": "node-b", "pid": 99, "started": time.time(), "heartbeat": time.time(), "token": "theirs"}
+        out.joinpath(LOCK_FILE).write_text(json.dumps(taker))
+        time.sleep(0.3)
+        assert json.loads(out.joinpath(LOCK_FILE).read_text())["token"] == "theirs"  # the heartbeat stopped, not overwrote
+        with pytest.raises(OutputInUseError, match=rf"output_dir {out} was taken over by another run \(pid 99 on host node-b"):
+            run_lock.require_held()
+    finally:
+        lock.release()
+    assert json.loads(out.joinpath(LOCK_FILE).read_text())["token"] == "theirs"  # release removes only its own lock
+
+    out.joinpath(LOCK_FILE).unlink()
+    for _ in range(20):  # release racing a heartbeat under way: the lock is gone for good
+        lock = RunLock.take(out)
+        time.sleep(0.05)
+        lock.release()
+        time.sleep(0.1)
+        assert not out.joinpath(LOCK_FILE).exists()

@@ -33,3 +33,36 @@ def test_a_stop_signal_raises_the_flag_once_and_a_later_repeat_exits_at_once():
     assert notes == ["[medcare_dist] rank 0: SIGUSR1: saving a checkpoint at the end of this step, then exiting (status 75); "
                      "a second SIGUSR1 exits at once without saving",
                      "[medcare_dist] rank 0: second SIGUSR1: exiting now without saving"], proc.stderr[-2000:]
+
+
+ORPHAN = """
+import os, sys, time
+from medcare_dist.dist.preemption import StopRequests
+stop = StopRequests(["SIGUSR1"])  # made before the setup, as main_for_stage does
+print("made", flush=True)
+time.sleep(3)  # the setup, during which the launcher dies (this rank is handed to init)
+with stop:
+    deadline = time.monotonic() + 10
+    while stop.reason is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print("reason", stop.reason, flush=True)
+"""
+
+LAUNCHER = """
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, "RANK": "0"})
+time.sleep(60)
+"""
+
+
+def test_a_launcher_that_dies_during_the_setup_is_noticed_when_training_starts():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "MEDCARE_ORPHAN_GRACE_S": "30"}
+    env.pop("RANK", None)
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, ORPHAN], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline().strip() == "made"
+        launcher.kill()
+        launcher.wait(timeout=30)
+        assert launcher.stdout.readline().strip() == f"reason launcher process {launcher.pid} exited"
+    finally:
+        launcher.kill()
