@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medcare_dist.errors import CheckpointError, OutputExistsError
 
-DIGEST_CACHE = ".medcare_digests.json"  # beside the files it describes: {name: {size, mtime_ns, sha256}}
+DIGEST_CACHE = ".medcare_digests.json"  # beside the files it describes: {name: {size, mtime_ns, ctime_ns, ino, sha256}}
 
 
 def _cache_paths(directory: Path) -> list[Path]:
@@ -33,11 +33,12 @@ def _read_cache(path: Path) -> dict:
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, streamed; cached per dir, keyed by (size, mtime_ns): an unchanged
-    file is not read again, a rewritten one is."""
+    """sha256 of a file, streamed; cached per dir, keyed by (size, mtime_ns, ctime_ns, inode):
+    an unchanged file is not read again, a rewritten one is, also when the writer kept its size
+    and mtime (`cp -p`, `rsync -t`: the change time cannot be set back)."""
     path = Path(path)
     st = path.stat()
-    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
     places = _cache_paths(path.parent)
     for place in places:
         entry = _read_cache(place).get(path.name)

@@ -5,6 +5,7 @@ must be named rather than dropped or half-read."""
 from __future__ import annotations
 
 import json
+import time
 
 import datasets
 import pytest
@@ -119,3 +120,21 @@ def test_odd_counts_and_bracketed_names_are_paths(tmp_path):
     assert resolve_sources(str(literal))[0].files == (literal,)
     with pytest.raises(FileNotFoundError, match=r"data file not found: .*a\.jsonl#²"):
         resolve_sources(str(tmp_path / "a.jsonl#²"))
+
+
+def test_a_source_rewritten_with_its_size_and_mtime_kept_is_hashed_again(tmp_path):
+    """`cp -p` / `rsync -t` keep the mtime: the cached digest must not hide the new content."""
+    import hashlib
+    import os
+
+    from medcare_dist.files import file_sha256
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("first\n")
+    assert file_sha256(path) == hashlib.sha256(b"first\n").hexdigest()
+    stat = path.stat()
+    time.sleep(0.01)
+    path.write_text("other\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert file_sha256(path) == hashlib.sha256(b"other\n").hexdigest()
