@@ -27,6 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fever_record(i: int) -> dict:
+    """A short chat record numbered i (the numbers tell records apart after tokenising)."""
+    return {"messages": [{"role": "user", "content": f"Question {i} about fever?"},
+                         {"role": "assistant", "content": f"Answer {i}: rest and fluids."}]}
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

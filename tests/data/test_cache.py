@@ -11,24 +11,18 @@ import medcare_dist.data.cache as cache
 import medcare_dist.data.dataset as data
 from medcare_dist.config import load_config
 from medcare_dist.errors import ConfigError, DataError
-from medcare_dist.tools.tiny import build_tokenizer
 
-from helpers import write_jsonl
-
-
-def record(i: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"Question {i} about fever?"},
-                         {"role": "assistant", "content": f"Answer {i}: rest and fluids."}]}
+from helpers import fever_record, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer([write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", [record(i) for i in range(10)])])
+@pytest.fixture
+def tokenizer(fever_tokenizer):
+    return fever_tokenizer
 
 
 @pytest.fixture
 def files(tmp_path):
-    return write_jsonl(tmp_path / "a.jsonl", [record(i) for i in range(3)]), write_jsonl(tmp_path / "b.jsonl", [record(9)])
+    return write_jsonl(tmp_path / "a.jsonl", [fever_record(i) for i in range(3)]), write_jsonl(tmp_path / "b.jsonl", [fever_record(9)])
 
 
 def first_user_numbers(tokenizer, dataset) -> list[int]:
@@ -97,7 +91,7 @@ def test_a_changed_source_or_mix_or_option_makes_a_new_entry(tmp_path, tokenizer
     a, b = files
     lines = []
     load([str(a)], tokenizer, tmp_path / "cache", lines)
-    write_jsonl(a, [record(i) for i in range(4)])
+    write_jsonl(a, [fever_record(i) for i in range(4)])
     changed, _ = load([str(a)], tokenizer, tmp_path / "cache", lines)
     load([f"{a}#2"], tokenizer, tmp_path / "cache", lines)
     load([f"{a}#2"], tokenizer, tmp_path / "cache", lines, seed=5)

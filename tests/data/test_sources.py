@@ -14,25 +14,19 @@ import medcare_dist.data.dataset as data
 from medcare_dist.data.chat import tokenizer_fingerprint
 from medcare_dist.data.sources import resolve_sources
 from medcare_dist.errors import DataError
-from medcare_dist.tools.tiny import build_tokenizer
 
-from helpers import write_jsonl
-
-
-def record(i: int) -> dict:
-    return {"messages": [{"role": "user", "content": f"Question {i} about fever?"},
-                         {"role": "assistant", "content": f"Answer {i}: rest and fluids."}]}
+from helpers import fever_record, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer([write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", [record(i) for i in range(10)])])
+@pytest.fixture
+def tokenizer(fever_tokenizer):
+    return fever_tokenizer
 
 
 def test_a_shard_directory_reads_every_data_file_below_it_and_refuses_what_is_not_data(tmp_path):
     shards = tmp_path / "shards"
-    write_jsonl(shards / "a.jsonl", [record(0)])
-    write_jsonl(shards / "sub" / "b.jsonl", [record(1)])
+    write_jsonl(shards / "a.jsonl", [fever_record(0)])
+    write_jsonl(shards / "sub" / "b.jsonl", [fever_record(1)])
     (shards / "README.md").write_text("about the shards")
     assert [p.name for p in resolve_sources(str(shards))[0].files] == ["a.jsonl", "b.jsonl"]
     (shards / "sub" / "c.csv").write_text("q,a\n")
@@ -48,22 +42,22 @@ def test_a_shard_directory_reads_every_data_file_below_it_and_refuses_what_is_no
 def test_a_local_dataset_clone_gives_its_train_split_only(tmp_path):
     clone = tmp_path / "clone"
     for split in ("train", "test", "validation"):
-        write_jsonl(clone / f"{split}.jsonl", [record(0)])
+        write_jsonl(clone / f"{split}.jsonl", [fever_record(0)])
     assert [p.name for p in resolve_sources(str(clone))[0].files] == ["train.jsonl"]
     card = tmp_path / "card"
-    write_jsonl(card / "a.jsonl", [record(0)])
-    write_jsonl(card / "b.jsonl", [record(1)])
+    write_jsonl(card / "a.jsonl", [fever_record(0)])
+    write_jsonl(card / "b.jsonl", [fever_record(1)])
     (card / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files: a.jsonl\n---\n")
     assert [p.name for p in resolve_sources(str(card))[0].files] == ["a.jsonl"]
 
 
 def test_a_saved_dataset_goes_through_the_cache_keyed_by_its_content(tmp_path, tokenizer):
     saved = tmp_path / "saved"
-    datasets.Dataset.from_list([record(i) for i in range(3)]).save_to_disk(str(saved))
+    datasets.Dataset.from_list([fever_record(i) for i in range(3)]).save_to_disk(str(saved))
     lines = []
     dataset, _ = data.load_dataset_for_training(str(saved), tokenizer, 256, cache_dir=tmp_path / "cache", log=lines.append)
     assert len(dataset) == 3
-    datasets.Dataset.from_list([record(i) for i in range(5)]).save_to_disk(str(tmp_path / "saved5"))
+    datasets.Dataset.from_list([fever_record(i) for i in range(5)]).save_to_disk(str(tmp_path / "saved5"))
     (saved / "data-00000-of-00001.arrow").write_bytes((tmp_path / "saved5" / "data-00000-of-00001.arrow").read_bytes())
     (saved / "state.json").write_text((tmp_path / "saved5" / "state.json").read_text())
     again, _ = data.load_dataset_for_training(str(saved), tokenizer, 256, cache_dir=tmp_path / "cache", log=lines.append)
@@ -71,7 +65,7 @@ def test_a_saved_dataset_goes_through_the_cache_keyed_by_its_content(tmp_path, t
 
 
 def test_a_preprocessed_directory_takes_no_count_and_no_mix(tmp_path, tokenizer):
-    source = write_jsonl(tmp_path / "a.jsonl", [record(i) for i in range(5)])
+    source = write_jsonl(tmp_path / "a.jsonl", [fever_record(i) for i in range(5)])
     data.preprocess(str(source), tokenizer, 256, tmp_path / "pre", log=lambda _: None)
     for spec in (f"{tmp_path / 'pre'}#2", [str(tmp_path / "pre"), str(source)]):
         with pytest.raises(DataError, match="pre is a preprocessed dataset, read whole as it was written: it takes no record count"):
@@ -102,7 +96,7 @@ def test_the_tokenizer_fingerprint_covers_its_merges(tmp_path, tokenizer):
 ])
 def test_records_that_cannot_be_trained_are_named_by_record_and_turn(tmp_path, tokenizer, line, reason):
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(record(0)) + "\n" + line + "\n")
+    path.write_text(json.dumps(fever_record(0)) + "\n" + line + "\n")
     with pytest.raises(DataError, match=f"bad.jsonl: record 1 \\(line 2\\): {reason}"):
         data.build_dataset(path, tokenizer, 256)
     _, stats = data.build_dataset(path, tokenizer, 256, on_bad_record="skip")
@@ -116,7 +110,7 @@ def test_an_empty_system_field_is_no_system_prompt(tmp_path, tokenizer):
 
 
 def test_odd_counts_and_bracketed_names_are_paths(tmp_path):
-    literal = write_jsonl(tmp_path / "data[1].jsonl", [record(0)])
+    literal = write_jsonl(tmp_path / "data[1].jsonl", [fever_record(0)])
     assert resolve_sources(str(literal))[0].files == (literal,)
     with pytest.raises(FileNotFoundError, match=r"data file not found: .*a\.jsonl#²"):
         resolve_sources(str(tmp_path / "a.jsonl#²"))
