@@ -140,9 +140,24 @@ class RunLock:
             return lock
         raise OutputInUseError(f"output_dir {output_dir}: could not take its lock {lock.path} (other runs keep taking it)")
 
-    def _mine(self) -> bool:
-        """Still ours; when not, remember who took it (an unreadable lock is being rewritten: ours)."""
+    def _mine(self, restore: bool = False) -> bool:
+        """Still ours; when not, remember who took it (an unreadable lock is being rewritten:
+        ours). With `restore`, a lock file that someone removed is written again, unless another
+        run has created its own meanwhile."""
         holder = _read(self.path)
+        if holder is None and restore:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read(self.path)
+            except OSError:  # a full disk: judged again at the next beat
+                return True
+            else:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.record, f)
+                print(f"[medcare_dist] warning: {self.path} had been removed while this run held it; written again",
+                      file=sys.stderr, flush=True)
+                return True
         if holder == {} or (holder or {}).get("token") == self.record["token"]:
             return True
         self.lost_to = holder or {"host": "?", "pid": "? (the lock file was removed)"}
@@ -154,7 +169,7 @@ class RunLock:
             with self._writing:
                 if self._stop.is_set():
                     return
-                if not self._mine():
+                if not self._mine(restore=True):
                     print(f"[medcare_dist] warning: {self.path} was taken over by another run ({describe(self.lost_to)}); "
                           "this run stops before its next save", file=sys.stderr, flush=True)
                     return
@@ -180,7 +195,7 @@ def require_held() -> None:
     checked before every save, so that the run that lost its directory never writes over the
     new holder's checkpoints or `latest`."""
     for lock in _held:
-        if lock.lost_to is not None or not lock._mine():
+        if lock.lost_to is not None or not lock._mine(restore=True):
             raise OutputInUseError(
                 f"output_dir {lock.path.parent} was taken over by another run ({describe(lock.lost_to)}; lock {lock.path}) "
                 "while this run held it: this run stops without saving, so as not to write over that run's checkpoints")

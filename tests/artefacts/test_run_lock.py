@@ -115,3 +115,17 @@ def test_a_run_whose_lock_was_taken_over_stops_before_saving_and_release_never_b
         lock.release()
         time.sleep(0.1)
         assert not out.joinpath(LOCK_FILE).exists()
+
+
+def test_a_lock_file_removed_by_hand_is_written_again_and_the_run_goes_on(tmp_path):
+    import medcare_dist.artefacts.run_lock as run_lock
+
+    out = tmp_path / "run"
+    lock = RunLock.take(out)
+    try:
+        out.joinpath(LOCK_FILE).unlink()  # an operator "unsticking" the directory
+        run_lock.require_held()  # no error: nobody else took it
+        assert json.loads(out.joinpath(LOCK_FILE).read_text())["token"] == lock.record["token"]
+    finally:
+        lock.release()
+    assert not out.joinpath(LOCK_FILE).exists()
