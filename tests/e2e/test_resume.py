@@ -14,6 +14,8 @@ import subprocess
 import time
 
 import pytest
+
+from medcare_dist.errors import CheckpointError
 import torch
 from safetensors.torch import load_file
 
@@ -109,7 +111,7 @@ def test_a_save_interrupted_part_way_leaves_the_previous_checkpoint_chosen(tmp_p
         raise OSError("disk full")  # after the adapters were written, before the rest
 
     monkeypatch.setattr(ckpt_mod.torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="writing checkpoint-2 failed: disk full; the partial save was removed"):
         save(2)
     monkeypatch.undo()
     assert not (tmp_path / ".checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()  # a failed save cleans up
