@@ -14,14 +14,13 @@ import subprocess
 import time
 
 import pytest
-
-from medcare_dist.errors import CheckpointError
 import torch
 from safetensors.torch import load_file
 
 from helpers import REPO, SAMPLE, free_port, run_launcher, running, stop, wait_for_step
 from medcare_dist.artefacts import checkpoint as ckpt_mod
 from medcare_dist.artefacts.checkpoint import TrainState, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from medcare_dist.errors import CheckpointError
 
 STEPS = 12
 RECORDS = 29
