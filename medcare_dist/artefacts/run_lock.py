@@ -88,6 +88,13 @@ def _read(path: Path) -> dict | None:
         return {}  # being written, or damaged: judged by its age below
 
 
+def _create(path: Path, record: dict) -> None:
+    """Write the lock file only if none exists (FileExistsError otherwise)."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+
+
 class RunLock:
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / LOCK_FILE
@@ -111,7 +118,7 @@ class RunLock:
         lock = cls(output_dir)
         for _ in range(20):
             try:
-                fd = os.open(lock.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _create(lock.path, lock.record)
             except FileExistsError:
                 holder = _read(lock.path)
                 if holder is None:
@@ -131,8 +138,6 @@ class RunLock:
                 continue
             except OSError as err:
                 raise OutputDirError(f"output_dir {output_dir}: cannot write its lock file: {err.strerror or err}") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(lock.record, f)
             threading.Thread(target=lock._beat, name="medcare-run-lock", daemon=True).start()
             if not _held:
                 atexit.register(release_held)
@@ -147,14 +152,12 @@ class RunLock:
         holder = _read(self.path)
         if holder is None and restore:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _create(self.path, self.record)
             except FileExistsError:
                 holder = _read(self.path)
             except OSError:  # a full disk: judged again at the next beat
                 return True
             else:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self.record, f)
                 print(f"[medcare_dist] warning: {self.path} had been removed while this run held it; written again",
                       file=sys.stderr, flush=True)
                 return True
