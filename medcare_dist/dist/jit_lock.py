@@ -32,6 +32,14 @@ def extensions_root() -> Path:
     return Path(get_default_build_root())
 
 
+def process_start_time() -> float:
+    """When this process started (epoch seconds): files younger than that may be a sibling
+    rank's, still being set up."""
+    import psutil  # a DeepSpeed dependency
+
+    return psutil.Process(os.getpid()).create_time()
+
+
 def holders(lock: Path) -> list[int]:
     """Pids of the processes of this host that have `lock` open (those /proc lets us see)."""
     try:
@@ -80,11 +88,9 @@ def _remove_if_same(lock: Path, inode: tuple[int, int]) -> bool:
 def clear_stale_locks(root: Path | None = None, log=None) -> list[Path]:
     """Remove every JIT build lock under `root` that no process holds and that predates this
     process; print what was found. Returns the locks removed."""
-    import psutil  # a DeepSpeed dependency
-
     root = extensions_root() if root is None else Path(root)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    started = psutil.Process(os.getpid()).create_time()
+    started = process_start_time()
     removed = []
     for lock in sorted(root.glob("*/lock")) + sorted(root.glob("*/*/lock")):
         try:

@@ -213,10 +213,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
 
     import deepspeed
 
-    from medcare_dist.dist.jit_lock import clear_stale_locks
+    from medcare_dist.dist import shm_segments
+    from medcare_dist.dist.jit_lock import clear_stale_locks, process_start_time
 
     clear_stale_locks()  # a lock left by a killed process would make DeepSpeed's comm-op load below wait forever
     use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        shm_segments.clear_stale_segments(process_start_time())
     try:
         with _notes_while_joining(timeout_s, enabled=not alone):
             deepspeed.init_distributed(
@@ -234,6 +237,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> World:
             "every node was started with the same hostfile/world size, MASTER_ADDR and MASTER_PORT"
         ) from None
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    if not use_cuda and world_size > 1:
+        dist.barrier()  # every rank has mapped every peer's all-reduce segment: their names can go
+        shm_segments.release_own_segment(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         if torch.cuda.device_count() == 1:  # one GPU per task (srun --gpus-per-task=1): it is device 0

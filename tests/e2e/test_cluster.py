@@ -37,7 +37,8 @@ MARGIN_S = 30  # what "within the timeout" may add for process teardown
 def deepspeed_ops_built():
     """DeepSpeed JIT-builds its CPU shared-memory comm op at the first start on a machine
     (about a minute, under a lock): do it once here, so no scenario's rendezvous waits for it."""
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    code = ("from medcare_dist.dist.jit_lock import clear_stale_locks; clear_stale_locks(); "
+            "from deepspeed.comm.torch import build_shm_op; build_shm_op()")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=launch_env(), check=True, capture_output=True, timeout=600)
 
 

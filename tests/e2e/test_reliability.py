@@ -27,6 +27,7 @@ from medcare_dist.artefacts.checkpoint import (
     read_manifest, save_checkpoint,
 )
 from medcare_dist.config import ConfigError, TrainConfig, resume_differences
+from medcare_dist.dist import shm_segments
 from medcare_dist.dist.jit_lock import clear_stale_locks
 from medcare_dist.training.metrics import MetricsReporter
 from medcare_dist.training.resume import check_resume_early, check_resumable
@@ -419,10 +420,40 @@ def test_a_stale_jit_lock_is_cleared_and_a_held_one_is_reported(tmp_path):
     assert clear_stale_locks(tmp_path, log=notes.append) == [held] and young.exists()
 
 
+def _stale_segment(name: str, mapped: bool):
+    """A DeepSpeed all-reduce segment in /dev/shm from an hour ago; `mapped`: a live process maps it."""
+    path = shm_segments.SHM_DIR / f"{shm_segments.PREFIX}_{os.getuid()}_test-{os.getpid()}_{name}_0"
+    path.write_bytes(b"\0" * 4096)
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    if not mapped:
+        return path, None
+    code = f"import mmap,time; f=open({str(path)!r},'r+b'); m=mmap.mmap(f.fileno(), 4096); print('mapped', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "mapped"
+    return path, holder
+
+
+def test_a_shm_segment_no_process_maps_is_removed_and_a_mapped_or_young_one_kept():
+    stale, _ = _stale_segment("stale", mapped=False)
+    in_use, holder = _stale_segment("in-use", mapped=True)
+    try:
+        notes = []
+        removed = shm_segments.clear_stale_segments(time.time(), log=notes.append)
+        assert stale in removed and in_use not in removed and in_use.exists() and not stale.exists()
+        assert any(f"removed {stale} (0 MiB of RAM)" in n for n in notes), notes
+        assert shm_segments.clear_stale_segments(time.time() - 7200) == []  # both younger than that start: a sibling's
+    finally:
+        holder.kill()
+        holder.wait()
+        in_use.unlink()
+
+
 @pytest.mark.distributed
 def test_through_the_launcher_a_stale_jit_lock_is_cleared_and_a_stopped_rank_is_named(tiny_model_dir, tmp_path):
     """deepspeed --num_gpus 2: the shared-memory comm op's build dir holds a lock left by a killed
-    process (without the fix every rank waits on it forever); then rank 1 is SIGSTOPped mid-run."""
+    process (without the fix every rank waits on it forever); then rank 1 is SIGSTOPped mid-run.
+    Killed at the end, the run leaves no all-reduce segment in /dev/shm (RAM) behind, and its
+    start removed one that an earlier killed run left."""
     from medcare_dist.dist.jit_lock import extensions_root
 
     ext = tmp_path / "torch_extensions"
@@ -433,7 +464,9 @@ def test_through_the_launcher_a_stale_jit_lock_is_cleared_and_a_stopped_rank_is_
     lock.write_text("")
     os.utime(lock, (time.time() - 600, time.time() - 600))
     out, log_path = tmp_path / "run", tmp_path / "run.log"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/stage1.py", "--model", str(tiny_model_dir),
+    left_behind, _ = _stale_segment("killed-run", mapped=False)
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "launch/stage1.py", "--model", str(tiny_model_dir),
            "--data", str(SAMPLE / "stage1.jsonl"), "--output_dir", str(out), "--max_steps", "500", "--log_every", "1",
            "--global_batch_size", "4", "--micro_batch_size", "2", "--max_length", "64", "--num_experts", "2", "--lora_r", "2",
            "--timeout_minutes", "10"]
@@ -448,6 +481,7 @@ def test_through_the_launcher_a_stale_jit_lock_is_cleared_and_a_stopped_rank_is_
             time.sleep(0.5)
         text = log_path.read_text()
         assert f"removed the stale JIT build lock {lock}" in text and not lock.exists()
+        assert f"removed {left_behind}" in text and not left_behind.exists()
         pids = dict(re.findall(r"(\d+):[^/,\s]+/(\d+)", re.search(r"rank:host/pid (.*)", text).group(1)))
         victim = int(pids["1"])
         os.kill(victim, signal.SIGSTOP)
@@ -466,6 +500,7 @@ def test_through_the_launcher_a_stale_jit_lock_is_cleared_and_a_stopped_rank_is_
         except ProcessLookupError:
             pass
         proc.wait()
+    assert not list(shm_segments.SHM_DIR.glob(f"{shm_segments.PREFIX}_*_{port}_*"))  # each rank unlinked its own after the join
     assert named_after < 10 + 60, named_after  # the limit plus slack for these 2 busy cores; the collective timeout is 600 s
     print(f"rank 1 named {named_after:.1f} s after SIGSTOP")
 

@@ -200,16 +200,18 @@ def run_simulated_nodes(train_args: list[str], out: Path, port: int, nodes: int 
                "--master_port", str(port), str(Path(__file__).resolve()), *train_args, "--probe_out", str(out)]
         with open(logs[n], "w") as log:
             procs.append(subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+    tails = lambda: "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-3000:]}" for log in logs)  # noqa: E731
     try:
         rcs = [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"simulated-node runners still running after {timeout:.0f} s:\n{tails()}") from None
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     if any(rcs):
-        tails = "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-3000:]}" for log in logs)
-        raise AssertionError(f"simulated-node runners exited {list(reversed(rcs))}:\n{tails}")
+        raise AssertionError(f"simulated-node runners exited {list(reversed(rcs))}:\n{tails()}")
     return [json.loads((out / f"report_rank{r}.json").read_text()) for r in range(nodes * ranks_per_node)]
 
 
