@@ -23,19 +23,11 @@ SHM_DIR = Path("/dev/shm")
 PREFIX = "deepspeed_allreduce_buffer"
 
 
-def segment_path(rank: int, env=os.environ) -> Path:
-    """The segment DeepSpeed's op creates for `rank` of the job rendezvousing at MASTER_ADDR:MASTER_PORT."""
-    return SHM_DIR / f"{PREFIX}_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{rank}"
-
-
-def release_own_segment(rank: int) -> bool:
-    """Unlink this rank's segment (call once every rank has joined: they have all mapped it).
-    Returns whether there was one."""
-    try:
-        segment_path(rank).unlink()
-        return True
-    except FileNotFoundError:  # not all ranks on one host, or the op is not in use
-        return False
+def release_own_segment(rank: int) -> None:
+    """Unlink the segment DeepSpeed's op made for `rank` of the job rendezvousing at
+    MASTER_ADDR:MASTER_PORT (call once every rank has joined: they have all mapped it)."""
+    name = f"{PREFIX}_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    (SHM_DIR / name).unlink(missing_ok=True)  # none when not all ranks are on one host
 
 
 def mapped_segments() -> set[str]:
@@ -52,13 +44,13 @@ def mapped_segments() -> set[str]:
     return names
 
 
-def clear_stale_segments(started: float, shm_dir: Path = SHM_DIR, log=None) -> list[Path]:
+def clear_stale_segments(started: float, log=None) -> list[Path]:
     """Remove this user's segments that no process maps and that are older than `started`
     (the start time of this process: a younger one is being set up by a rank of this launch).
     Returns the segments removed."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     candidates = []
-    for path in shm_dir.glob(f"{PREFIX}_{os.getuid()}_*"):
+    for path in SHM_DIR.glob(f"{PREFIX}_{os.getuid()}_*"):
         try:
             if path.stat().st_mtime < started - 1.0:
                 candidates.append(path)
